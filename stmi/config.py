@@ -1,0 +1,284 @@
+"""Typed configuration of an STMI run.
+
+One dataclass per concern (model, data, optimisation), gathered in :class:`STMIConfig`. Named recipes
+(``stmi.recipes``) are functions returning an ``STMIConfig``; search spaces and command-line overrides are
+flat dicts over dotted field names (``model.alpha_init``) applied with :func:`apply_overrides`, which
+uses ``dataclasses.replace`` and checks every name and type, so a typo fails before anything starts.
+
+Values the paper does not publish (alpha/beta init, p, tau) are our defaults; each field says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DatasetName = Literal["rgbnt201", "rgbnt100", "msvr310"]
+DATASETS: tuple[str, ...] = ("rgbnt201", "rgbnt100", "msvr310")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The STMI model (SPEC.md section 2)."""
+
+    clip_model: str = "ViT-B-16"
+    """open_clip model config name; ``stmi-tiny`` is the tiny registered config for tests and the demo."""
+    pretrained: str | None = None
+    """``None`` (random init), ``openai`` (the user's open_clip cache) or a path to a local CLIP checkpoint."""
+    image_size: tuple[int, int] = (256, 128)
+    """Input (H, W); positional embeddings are interpolated to this grid when weights are loaded."""
+    separate_backbones: bool = False
+    """Three visual encoders (one per modality) instead of one shared encoder."""
+    use_sie: bool = True
+    """Side-information (camera) embedding added to the CLS token; inference without a camera id works."""
+    num_cameras: int = 0
+    """Number of cameras for SIE; 0 disables SIE whatever ``use_sie`` says (set by the dataset recipe)."""
+    sie_coef: float = 1.0
+    """Scale of the camera embedding."""
+
+    use_sfm: bool = True
+    """Segmentation-guided feature modulation in the visual attention layers (table 3)."""
+    sfm_sharing: Literal["layer", "shared", "head"] = "layer"
+    """One (alpha, beta) per layer (paper's best, table 5 E), one for all layers, or per layer and head."""
+    sfm_layers: Literal["all", "early", "late"] = "all"
+    """Which layers are modulated: all, the first half, or the second half (table 5 B, C)."""
+    alpha_init: float = 0.1
+    """Initial foreground-enhancement strength (not published; our default, searched)."""
+    beta_init: float = 0.1
+    """Initial background-suppression strength (not published; our default, searched)."""
+    p: float = 0.1
+    """Probability of flipping a background patch token to foreground in training (searched)."""
+    mask_patch_threshold: float = 0.5
+    """A patch is foreground when at least this fraction of its mask pixels is foreground."""
+
+    use_str: bool = True
+    """Semantic token reallocation (table 3); off -> the fusion sees the modality CLS tokens only."""
+    K: int = 4
+    """Learnable queries per modality in STR (paper best: 4)."""
+    str_heads: int = 8
+    """Heads of the STR cross-attention (must divide the embedding dim)."""
+    str_share_weights: bool = True
+    """STR cross-attention and FFN weights shared by the modalities (queries are always per modality)."""
+    use_text: bool = True
+    """Append the CLIP text feature T to the STR queries and supervise it (L(T))."""
+
+    fusion: Literal["chi", "concat", "mlp", "mhsa"] = "chi"
+    """Token fusion after STR (table 4); ``concat`` is no interaction."""
+    tau: float = 0.5
+    """CHI hyperedge threshold on cosine similarity (not published; our default, searched)."""
+    chi_layers: int = 1
+    """Stacked hypergraph convolutions."""
+    use_global_fusion: bool = True
+    """U = CrossAttn(G, H', H') + G (eq. 18); off -> U = G."""
+
+    retrieval_feature: Literal["G", "U", "GU"] = "GU"
+    """Which post-BN features form the retrieval embedding."""
+    num_classes: int = 0
+    """Training identities (set by the data pipeline)."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Eq. 19-20: per supervised feature ``ce_weight * CE_ls + triplet_weight * triplet``."""
+
+    ce_weight: float = 0.25
+    triplet_weight: float = 1.0
+    label_smoothing: float = 0.1
+    triplet_margin: float | None = None
+    """``None`` = soft-margin batch-hard triplet (default); a float = hard margin."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is read (SPEC.md section 3, DATASETS.md)."""
+
+    dataset: str = "rgbnt201"
+    """rgbnt201 | rgbnt100 | msvr310."""
+    root: str = ""
+    """Folder that holds the dataset folder (``<root>/RGBNT201/...``); absolute in distributed runs."""
+    batch_size: int = 72
+    """Triplets per optimisation step (over all ranks)."""
+    num_instances: int = 8
+    """K of the P x K identity sampler."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    val_fraction: float = 0.2
+    """Fraction of training identities held out for model selection (0 disables validation)."""
+    select_on_test: bool = False
+    """Reproduce the anchors' habit of choosing the checkpoint on the test set (not recommended)."""
+    flip_p: float = 0.5
+    pad: int = 10
+    erasing_p: float = 0.5
+    context_length: int = 77
+    """Caption token length (the CLIP text tower's context)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam + warmup + cosine (paper: 3.5e-6 decayed to 3.5e-7)."""
+
+    lr: float = 3.5e-6
+    """Base learning rate (searched)."""
+    min_lr: float = 3.5e-7
+    """Learning rate at the end of the cosine."""
+    head_lr_mult: float = 1.0
+    """Learning-rate multiplier for parameters outside the CLIP towers (STR, CHI, fusion, heads, alpha/beta)."""
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.1
+    epochs: int = 50
+    eval_every: int = 1
+    seed: int = 1111
+    amp: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    grad_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class STMIConfig:
+    """A whole run: model, losses, data and optimisation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    recipe: str = "custom"
+    """Name of the recipe this config came from (recorded with every run)."""
+
+
+class ConfigError(ValueError):
+    """A config override or search-space entry names an unknown field or has the wrong type."""
+
+
+def field_types(cls: type = STMIConfig, prefix: str = "") -> dict[str, Any]:
+    """Flat map ``dotted.name -> type annotation`` of every leaf field."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(field_types(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert: int -> float, str from the command line) ``value`` against ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("x", ",").split(",") if v]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected {len(args)} values, got {value!r}")
+        return tuple(coerce(name, v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp}")
+
+
+def apply_overrides(cfg: STMIConfig, overrides: dict[str, Any]) -> STMIConfig:
+    """Return ``cfg`` with ``{"model.K": 8, "optim.lr": 1e-5}`` applied via ``dataclasses.replace``.
+
+    Raises:
+        ConfigError: an unknown field (with the close names) or a value of the wrong type.
+    """
+    types_ = field_types()
+    per_section: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in types_:
+            close = [k for k in types_ if k.split(".")[-1].lower() == name.split(".")[-1].lower()]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config field {name!r}{hint}")
+        v = coerce(name, value, types_[name])
+        if "." in name:
+            sec, leaf = name.split(".", 1)
+            per_section.setdefault(sec, {})[leaf] = v
+        else:
+            top[name] = v
+    changes = {sec: dataclasses.replace(getattr(cfg, sec), **vals) for sec, vals in per_section.items()}
+    return dataclasses.replace(cfg, **changes, **top)
+
+
+def flatten(cfg: STMIConfig) -> dict[str, Any]:
+    """Flat ``dotted.name -> value`` of every leaf (for MLflow params and search spaces)."""
+    out: dict[str, Any] = {}
+    for name in field_types():
+        obj: Any = cfg
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        out[name] = obj
+    return out
+
+
+def to_dict(cfg: STMIConfig) -> dict[str, Any]:
+    """Nested plain dict (JSON-serialisable)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(d: dict[str, Any]) -> STMIConfig:
+    """Inverse of :func:`to_dict`; unknown keys are an error."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                flat[f"{k}.{kk}"] = vv
+        else:
+            flat[k] = v
+    return apply_overrides(STMIConfig(), flat)
