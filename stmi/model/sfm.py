@@ -1,0 +1,331 @@
+"""Segmentation-guided feature modulation (SFM, paper eq. 1-8; SPEC.md section 2).
+
+Per attention layer and head, with unscaled logits ``A = q k^T`` and the token mask ``m`` (CLS at index 0, always 1)::
+
+    Mpos = rowmax(A) - A ;  Mneg = A - rowmin(A) ;  R = m m^T
+    S    = alpha * R * Mpos - beta * (1 - R) * Mneg
+    out  = softmax((A + S) / sqrt(d)) @ v
+
+Why a custom autograd function: written naively, the modulation keeps ``A``, ``Mpos``, ``Mneg``, ``R`` and ``S``
+as ``(B, H, L, L)`` tensors alive for backward, several times the memory of plain attention. Using the identity
+``A + S = A * (1 - alpha R - beta (1 - R)) + alpha R rowmax + beta (1 - R) rowmin`` and ``R = m m^T`` (rank one),
+the whole modulated logit matrix is a single matrix product of augmented operands::
+
+    (A + S) / sqrt(d) = [c0 q, u m_i q, w] @ [k, m_j k, m_j]^T + (row constant, which softmax ignores)
+
+with ``c0 = (1 - beta) / sqrt(d)``, ``u = (beta - alpha) / sqrt(d)``, ``w_i = m_i (alpha rowmax_i - beta rowmin_i)
+/ sqrt(d)``. The backward pass likewise needs only the softmax probabilities: every reduction over ``A`` that the
+gradients of alpha and beta need (``sum_j G_ij A_ij m_j``) is ``q_i . (G (m k))_i``, a matrix product. So autograd
+saves exactly one ``(B, H, L, L)`` tensor (the probabilities, as plain attention does) plus ``O(B H L d)`` vectors,
+and adds no elementwise pass over ``(B, H, L, L)`` beyond the row max/min of the logits.
+
+Gradients flow to ``q``, ``k``, ``v``, ``alpha`` and ``beta``, including the path through ``rowmax``/``rowmin``
+(to the single arg-max/arg-min key; ties, which have measure zero for real-valued logits, go to the first index).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SFMParams", "patch_token_mask", "perturb_token_mask", "sfm_attention"]
+
+Scalar = float | Tensor
+
+
+def _as_bh(x: Scalar, name: str, batch: int, heads: int, ref: Tensor) -> Tensor:
+    """Bring alpha/beta to a 2-d ``(B or 1, H or 1)`` tensor (a differentiable view when ``x`` is a tensor).
+
+    Accepted: python numbers, 0-d tensors, ``(H,)`` per head, and 2-d values broadcastable to ``(B, H)`` such as
+    ``(B, 1)`` per sample (used to zero the modulation of samples without a mask).
+    """
+    t = x if isinstance(x, Tensor) else torch.tensor(float(x))
+    t = t.to(device=ref.device, dtype=ref.dtype)
+    if t.dim() == 0:
+        t = t.reshape(1, 1)
+    elif t.dim() == 1:
+        t = t.reshape(1, -1)
+    elif t.dim() != 2:
+        raise ValueError(f"sfm_attention: {name} must be a scalar, (H,) or (B, H)-broadcastable, got {tuple(t.shape)}")
+    if t.shape[0] not in (1, batch) or t.shape[1] not in (1, heads):
+        raise ValueError(
+            f"sfm_attention: {name} of shape {tuple(t.shape)} does not broadcast to (B, H) = ({batch}, {heads})"
+        )
+    return t
+
+
+def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a ``(B, H)`` gradient over the dimensions along which the parameter was broadcast."""
+    if shape[0] == 1:
+        grad = grad.sum(0, keepdim=True)
+    if shape[1] == 1:
+        grad = grad.sum(1, keepdim=True)
+    return grad
+
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Batch chunks are sized so one chunk's (b, H, L, L) temporaries hold about this many elements (16 MiB in fp32)."""
+
+
+def _chunks(bsz: int, heads: int, length: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // (heads * length * length))
+    return [slice(i, min(i + step, bsz)) for i in range(0, bsz, step)]
+
+
+def _rows(x: Tensor, sl: slice) -> Tensor:
+    """Slice a per-sample tensor, leaving batch-broadcast ones (leading dim 1) alone."""
+    return x if x.shape[0] == 1 else x[sl]
+
+
+class _SFMAttention(torch.autograd.Function):
+    """softmax((A + S) / sqrt(d)) @ v with a hand-written backward that saves only the probabilities.
+
+    Forward and backward run over batch chunks so the transient (b, H, L, L) buffers (logits, the gradient of the
+    probabilities) exist for one chunk at a time; only the full probability tensor lives between the passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, m: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:  # type: ignore[override]
+        bsz, heads, length, dim = q.shape
+        scale = 1.0 / math.sqrt(dim)
+        probs = q.new_empty(bsz, heads, length, length)
+        out = q.new_empty(bsz, heads, length, v.shape[-1])
+        stats = q.new_empty(2, bsz, heads, length, 1)
+        idx = torch.empty(2, bsz, heads, length, 1, dtype=torch.long, device=q.device)
+        for sl in _chunks(bsz, heads, length):
+            qc, kc, vc, mc = q[sl], k[sl], v[sl], m[sl]
+            a4 = _rows(alpha, sl)[:, :, None, None]
+            b4 = _rows(beta, sl)[:, :, None, None]
+            nb = qc.shape[0]
+            m_row = mc.view(nb, 1, length, 1)
+            logits = torch.matmul(qc, kc.transpose(-2, -1))
+            rowmax, idx_max = logits.max(dim=-1, keepdim=True)
+            rowmin, idx_min = logits.min(dim=-1, keepdim=True)
+            # (A + S)/sqrt(d) up to the row constant beta*rowmin_i/sqrt(d), as one product of augmented operands,
+            # written into the logits' storage.
+            c0 = (1.0 - b4) * scale
+            u = (b4 - a4) * scale * m_row
+            w = m_row * (a4 * rowmax - b4 * rowmin) * scale
+            q_aug = torch.cat([(c0 * qc).expand(nb, heads, length, dim), u * qc, w.expand(nb, heads, length, 1)], -1)
+            k_aug = torch.cat([kc, m_row * kc, m_row.expand(nb, heads, length, 1)], -1)
+            torch.matmul(q_aug, k_aug.transpose(-2, -1), out=logits)
+            del q_aug, k_aug
+            torch.ops.aten._softmax.out(logits, -1, False, out=probs[sl])
+            del logits
+            torch.matmul(probs[sl], vc, out=out[sl])
+            stats[0, sl], stats[1, sl] = rowmax, rowmin
+            idx[0, sl], idx[1, sl] = idx_max, idx_min
+        ctx.save_for_backward(q, k, v, m, alpha, beta, probs, stats, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        q, k, v, m, alpha, beta, probs, stats, idx = ctx.saved_tensors
+        bsz, heads, length, dim = q.shape
+        scale = 1.0 / math.sqrt(dim)
+        need_q, need_k, need_v, _, need_a, need_b = ctx.needs_input_grad
+        grad_q = torch.empty_like(q) if need_q else None
+        grad_k = torch.empty_like(q) if need_k else None
+        grad_v = torch.empty_like(v) if need_v else None
+        grad_a_bh = q.new_zeros(alpha.shape[0], heads) if need_a else None
+        grad_b_bh = q.new_zeros(beta.shape[0], heads) if need_b else None
+        grad_out = grad_out.contiguous()
+
+        for sl in _chunks(bsz, heads, length):
+            qc, kc, vc, mc, pc, go = q[sl], k[sl], v[sl], m[sl], probs[sl], grad_out[sl]
+            rowmax, rowmin, idx_max, idx_min = stats[0, sl], stats[1, sl], idx[0, sl], idx[1, sl]
+            a4 = _rows(alpha, sl)[:, :, None, None]
+            b4 = _rows(beta, sl)[:, :, None, None]
+            nb = qc.shape[0]
+            m_row = mc.view(nb, 1, length, 1)
+            if need_v:
+                torch.matmul(pc.transpose(-2, -1), go, out=grad_v[sl])
+            grad_p = torch.matmul(go, vc.transpose(-2, -1))
+            # Gradient w.r.t. the scaled logits; rows sum to zero, which is why the dropped row constant is harmless.
+            g = torch._softmax_backward_data(grad_p, pc, -1, pc.dtype)
+            del grad_p
+            # With G' = g / sqrt(d) the gradient w.r.t. the unscaled A + S: Y = G' [k, m k, m].
+            k_rhs = torch.cat([kc * scale, m_row * kc * scale, (m_row * scale).expand(nb, heads, length, 1)], -1)
+            y = torch.matmul(g, k_rhs)
+            del k_rhs
+            g_k, g_mk, g_m = y[..., :dim], y[..., dim : 2 * dim], y[..., 2 * dim :]
+            fg_g = m_row * g_m  # m_i * sum_j G'_ij m_j: weight of the rowmax/rowmin paths of row i
+
+            if need_a or need_b:
+                ga_1 = (qc * g_k).sum(-1, keepdim=True)  # sum_j G'_ij A_ij
+                ga_m = (qc * g_mk).sum(-1, keepdim=True)  # sum_j G'_ij A_ij m_j
+                if need_a:
+                    ga = (rowmax * fg_g - m_row * ga_m).sum((-2, -1))
+                    _accumulate(grad_a_bh, ga, sl)
+                if need_b:
+                    gb = (-ga_1 - rowmin * fg_g + m_row * ga_m).sum((-2, -1))
+                    _accumulate(grad_b_bh, gb, sl)
+
+            idx_max_d = idx_max.expand(nb, heads, length, dim)
+            idx_min_d = idx_min.expand(nb, heads, length, dim)
+            if need_q:
+                k_max = kc.gather(-2, idx_max_d)
+                k_min = kc.gather(-2, idx_min_d)
+                grad_q[sl] = (1.0 - b4) * g_k + (b4 - a4) * m_row * g_mk + fg_g * (a4 * k_max - b4 * k_min)
+            del y, g_k, g_mk
+            if need_k:
+                q_rhs = torch.cat([qc * scale, m_row * qc * scale], -1)
+                y2 = torch.matmul(g.transpose(-2, -1), q_rhs)
+                gk = (1.0 - b4) * y2[..., :dim] + (b4 - a4) * m_row * y2[..., dim:]
+                gk.scatter_add_(-2, idx_max_d, a4 * fg_g * qc).scatter_add_(-2, idx_min_d, -b4 * fg_g * qc)
+                grad_k[sl] = gk
+            del g
+
+        grad_a = _reduce_to(grad_a_bh, alpha.shape) if need_a else None
+        grad_b = _reduce_to(grad_b_bh, beta.shape) if need_b else None
+        return grad_q, grad_k, grad_v, None, grad_a, grad_b
+
+
+def _accumulate(total: Tensor, chunk: Tensor, sl: slice) -> None:
+    """Add a chunk's (b, H) parameter gradient into the (B or 1, H or 1) accumulator."""
+    if total.shape[0] == 1:
+        chunk = chunk.sum(0, keepdim=True)
+    else:
+        total = total[sl]
+    if total.shape[1] == 1:
+        chunk = chunk.sum(1, keepdim=True)
+    total.add_(chunk)
+
+
+def sfm_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    alpha: Scalar,
+    beta: Scalar,
+) -> Tensor:
+    """Segmentation-guided modulated attention (eq. 3-8).
+
+    Args:
+        q, k, v: ``(B, H, L, d)``; L = N + 1 tokens with CLS at index 0.
+        token_mask: ``(B, L)`` in {0, 1} (CLS = 1), or None for plain attention (exactly
+            ``F.scaled_dot_product_attention``).
+        alpha, beta: modulation strengths: python floats, 0-d tensors, ``(H,)`` per-head tensors, or 2-d tensors
+            broadcastable to ``(B, H)`` (e.g. ``(B, 1)``) so a caller can zero them for samples without a mask, which
+            then get S = 0 exactly. Gradients flow to tensor values.
+
+    Returns:
+        ``(B, H, L, d)``.
+    """
+    if token_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"sfm_attention: q, k, v must be (B, H, L, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    bsz, heads, length, _ = q.shape
+    if token_mask.shape != (bsz, length):
+        raise ValueError(f"sfm_attention: token_mask must be (B, L) = ({bsz}, {length}), got {tuple(token_mask.shape)}")
+    a = _as_bh(alpha, "alpha", bsz, heads, q)
+    b = _as_bh(beta, "beta", bsz, heads, q)
+    m = token_mask.to(device=q.device, dtype=q.dtype).contiguous()
+    return _SFMAttention.apply(q, k, v, m, a, b)
+
+
+def patch_token_mask(mask: Tensor, patch_size: int | tuple[int, int], threshold: float = 0.5) -> Tensor:
+    """Token mask (eq. 2) from a pixel mask: patch i is foreground when its foreground fraction >= threshold.
+
+    Args:
+        mask: ``(B, 1, H, W)`` float in [0, 1] (values > 0.5 count as foreground, so resized soft masks behave).
+        patch_size: the ViT patch size (int or (ph, pw)); H and W must be multiples of it.
+        threshold: ``ModelConfig.mask_patch_threshold``.
+
+    Returns:
+        ``(B, N + 1)`` float in {0, 1}, index 0 (CLS) always 1, patches in row-major order as the ViT flattens them.
+    """
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"patch_token_mask: mask must be (B, 1, H, W), got {tuple(mask.shape)}")
+    if mask.shape[-2] % ph or mask.shape[-1] % pw:
+        raise ValueError(f"patch_token_mask: mask size {tuple(mask.shape[-2:])} is not a multiple of the patch "
+                         f"size {(ph, pw)}; resize the mask with the image")
+    fg = (mask.float() > 0.5).float()
+    frac = F.avg_pool2d(fg, kernel_size=(ph, pw), stride=(ph, pw)).flatten(1)
+    patches = (frac >= threshold - 1e-6).float()
+    return torch.cat([torch.ones_like(patches[:, :1]), patches], dim=1)
+
+
+def perturb_token_mask(token_mask: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each background patch token (m_i = 0, i >= 1) to foreground with probability ``p``, independently.
+
+    Foreground tokens and CLS never change. The STMI model calls this once per forward pass in training only and
+    passes the same perturbed mask to every layer; the visual encoder never perturbs by itself.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"perturb_token_mask: p must be in [0, 1] (ModelConfig.p), got {p}")
+    if p == 0.0:
+        return token_mask
+    device = token_mask.device if generator is None else generator.device
+    draws = torch.rand(token_mask.shape, generator=generator, device=device).to(token_mask.device)
+    flip = (draws < p) & (token_mask == 0)
+    flip[:, 0] = False
+    return torch.where(flip, torch.ones_like(token_mask), token_mask)
+
+
+class SFMParams(nn.Module):
+    """The learnable alpha/beta of every visual attention layer (paper table 5).
+
+    Args:
+        num_layers: transformer layers of the visual encoder.
+        num_heads: attention heads per layer.
+        sharing: ``layer`` one (alpha, beta) per modulated layer shared by its heads (default, table 5 E);
+            ``shared`` one pair for all modulated layers; ``head`` one pair per modulated layer and head.
+        layers: ``all``, ``early`` (first half, ``num_layers // 2`` layers) or ``late`` (the rest); other layers
+            run plain attention.
+        alpha_init, beta_init: initial values (``ModelConfig.alpha_init`` / ``beta_init``).
+
+    Parameters are named ``sfm_alpha`` and ``sfm_beta`` (rows = modulated layers in order).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        sharing: Literal["layer", "shared", "head"] = "layer",
+        layers: Literal["all", "early", "late"] = "all",
+        alpha_init: float = 0.1,
+        beta_init: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if sharing not in ("layer", "shared", "head"):
+            raise ValueError(f"ModelConfig.sfm_sharing must be layer|shared|head, got {sharing!r}")
+        if layers not in ("all", "early", "late"):
+            raise ValueError(f"ModelConfig.sfm_layers must be all|early|late, got {layers!r}")
+        half = num_layers // 2
+        active = {"all": range(num_layers), "early": range(half), "late": range(half, num_layers)}[layers]
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.sharing = sharing
+        self.layers = layers
+        self.active_layers: tuple[int, ...] = tuple(active)
+        self._row = {layer: i for i, layer in enumerate(self.active_layers)}
+        rows = 1 if sharing == "shared" else len(self.active_layers)
+        cols = num_heads if sharing == "head" else 1
+        self.sfm_alpha = nn.Parameter(torch.full((rows, cols), float(alpha_init)))
+        self.sfm_beta = nn.Parameter(torch.full((rows, cols), float(beta_init)))
+
+    def is_active(self, layer: int) -> bool:
+        """Whether ``layer`` (0-based) is modulated."""
+        return layer in self._row
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """(alpha, beta) of ``layer``: 0-d tensors, or ``(H,)`` with ``head`` sharing; None if not modulated."""
+        if layer not in self._row:
+            return None
+        row = 0 if self.sharing == "shared" else self._row[layer]
+        a, b = self.sfm_alpha[row], self.sfm_beta[row]
+        if self.sharing != "head":
+            a, b = a[0], b[0]
+        return a, b
+
+    def extra_repr(self) -> str:
+        return f"sharing={self.sharing}, layers={self.layers}, active={list(self.active_layers)}"
