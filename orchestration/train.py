@@ -328,4 +328,6 @@ def _ensure_demo_data(cfg: STMIConfig) -> STMIConfig:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from orchestration.train import main as _main  # see sweep.py: pickle by reference
+
+    sys.exit(_main())

@@ -1,0 +1,437 @@
+"""The STMI sweep: Ray Tune + Optuna (+ ASHA) over alpha/beta init, p, tau, K and lr, per dataset.
+
+Usage (on a Ray cluster; the local stack is ``make up``)::
+
+    ray job submit -- python orchestration/sweep.py                      # the demo: synthetic data, tiny model
+    ray job submit -- python orchestration/sweep.py --preset paper --data-root /data --gpus-per-worker 1
+
+Three levels (Ray's shape): ``train_fn_per_worker`` (``orchestration/train.py``, every DDP rank),
+:func:`train_driver` (one per Tune trial: builds and fits a ``TorchTrainer``), :func:`build_tuner` (one Optuna
+study per dataset). MLflow: one experiment per sweep, a parent run per dataset, a child run per trial; the best
+trial of each dataset is logged as a pyfunc model and registered as ``stmi-<dataset>`` with alias ``champion``.
+
+Names are deterministic (sweep name / dataset / trial id), so ``--resume`` after the driver was killed continues
+the same Tune experiments, the same Ray Train runs (from their last checkpoints) and the same MLflow runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from stmi.config import DATASETS, STMIConfig, apply_overrides, flatten
+
+log = logging.getLogger("stmi.sweep")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {"recipe": "demo", "search_space": "demo", "num_samples": 2, "max_epochs": 3, "workers_per_trial": 1,
+             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 1},
+    "paper": {"recipe": "paper", "search_space": "paper", "num_samples": 24, "max_epochs": None,
+              "workers_per_trial": 1, "cpus_per_worker": 4.0, "gpus_per_worker": 1.0, "grace_period": 10},
+}
+TRIAL_DRIVER_CPUS = 0.1
+HPARAMS = ("model.alpha_init", "model.beta_init", "model.p", "model.tau", "model.K", "optim.lr")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """Everything a trial needs besides its sampled values (it travels in the Tune config as ``_sweep``)."""
+
+    name: str
+    dataset: str
+    recipe: str
+    data_root: str
+    search_space: str
+    max_epochs: int
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    experiment_id: str
+    parent_run_id: str
+    settings: dict[str, str]
+    """Non-secret platform settings (credentials stay in the cluster's environment)."""
+
+
+# --------------------------------------------------------------------------------------------------- trial level
+def trial_config(spec: SweepSpec, config: dict[str, Any]) -> STMIConfig:
+    """The resolved config of one trial: recipe, data root, epochs, the space's fixed values, the trial's values."""
+    from orchestration.search_space import load_search_space
+    from stmi.recipes import recipe
+
+    ss = load_search_space(spec.search_space)
+    overrides = {"data.root": spec.data_root, "optim.epochs": spec.max_epochs, **ss.trial_overrides(config)}
+    return apply_overrides(recipe(spec.recipe, spec.dataset), overrides)
+
+
+def train_driver(config: dict[str, Any]) -> None:
+    """One Tune trial: build and fit a ``TorchTrainer`` whose rank 0 logs into the trial's MLflow child run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestration import tracking
+    from orchestration.settings import PlatformSettings
+    from orchestration.train import fit
+
+    spec = SweepSpec(**config["_sweep"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(spec, config)
+    settings = PlatformSettings.from_env(argparse.Namespace(**spec.settings))
+    cl = tracking.client(settings.tracking_uri)
+    label = config.get("variant") or trial_id
+    run_id = tracking.get_or_create_run(
+        cl, spec.experiment_id, f"sweep/{spec.name}/{spec.dataset}/{trial_id}", f"{spec.dataset}-{label}",
+        parent_run_id=spec.parent_run_id,
+        tags={"stmi.sweep": spec.name, "stmi.dataset": spec.dataset, "stmi.trial_id": trial_id,
+              **({"stmi.variant": config["variant"]} if config.get("variant") else {})})
+    logger = tracking.RunLogger(run_id, settings.tracking_uri)
+    logger.log_params({k: v for k, v in flatten(cfg).items()})
+    result = fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id,
+                 workers=spec.workers, cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
+                 max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
+    logger.terminate("FINISHED" if result.error is None else "FAILED")
+    if result.error is not None:
+        raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+
+
+# --------------------------------------------------------------------------------------------------- sweep level
+def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_period: int, seed: int,
+                resume: bool) -> Any:
+    """The Tune experiment of one dataset: Optuna (or a grid) + ASHA on the validation metric."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestration.search_space import load_search_space
+    from orchestration.settings import PlatformSettings
+
+    ss = load_search_space(spec.search_space)
+    settings = PlatformSettings.from_env(argparse.Namespace(**spec.settings))
+    trainable = ray.tune.with_resources(train_driver, {"CPU": TRIAL_DRIVER_CPUS})
+    storage_path = f"{settings.ray_storage_path}/sweeps/{spec.name}"
+    fs = settings.storage_filesystem()
+    exp_path = f"{storage_path}/{spec.dataset}"
+    param_space: dict[str, Any] = {"_sweep": dataclasses.asdict(spec)}
+    if resume and ray.tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        print(f"[{spec.dataset}] resuming the Tune experiment at s3://{exp_path}", flush=True)
+        return ray.tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                      param_space=param_space, storage_filesystem=fs)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+                              grace_period=min(grace_period, spec.max_epochs), reduction_factor=2)
+    if ss.kind == "grid":
+        param_space["variant"] = ray.tune.grid_search(list(ss.variants))
+        search_alg = None
+        num_samples = 1
+    else:
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        start = ss.start or [_recipe_point(spec, ss)]
+        search_alg = OptunaSearch(space=ss.optuna_distributions(), metric=ss.metric, mode=ss.mode,
+                                  points_to_evaluate=start, sampler=TPESampler(seed=seed),
+                                  study_name=f"{spec.name}-{spec.dataset}")
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(metric=ss.metric, mode=ss.mode, search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+        run_config=ray.tune.RunConfig(name=spec.dataset, storage_path=storage_path, storage_filesystem=fs,
+                                      failure_config=ray.tune.FailureConfig(max_failures=1)),
+    )
+
+
+def _recipe_point(spec: SweepSpec, ss: Any) -> dict[str, Any]:
+    """The recipe's own values of the searched fields (the paper's values for the six hyperparameters)."""
+    from stmi.recipes import recipe
+
+    flat = flatten(recipe(spec.recipe, spec.dataset))
+    point = {}
+    for name, p in ss.params.items():
+        v = flat[name]
+        if p.type != "choice":
+            v = min(max(v, p.low), p.high)
+        point[name] = v
+    return point
+
+
+def default_max_concurrent(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many trials the cluster holds at once (from ``ray.cluster_resources()``)."""
+    import ray
+
+    res = ray.cluster_resources()
+    per_trial_cpu = workers * cpus_per_worker + TRIAL_DRIVER_CPUS
+    n = int(res.get("CPU", 1) // per_trial_cpu) if per_trial_cpu else 1
+    if gpus_per_worker:
+        n = min(n, int(res.get("GPU", 0) // (workers * gpus_per_worker)))
+    if n < 1:
+        raise SystemExit(f"the cluster ({dict(res)}) cannot hold one trial of {workers} worker(s) x "
+                         f"{cpus_per_worker} CPU / {gpus_per_worker} GPU (+{TRIAL_DRIVER_CPUS} CPU for the driver): "
+                         "lower --cpus-per-worker/--workers-per-trial or add nodes")
+    return n
+
+
+def finish_dataset(spec: SweepSpec, results: Any, metric: str, mode: str) -> dict[str, Any] | None:
+    """After Tune: trial statuses in MLflow, Optuna plots and the summary on the parent, the champion model."""
+    from orchestration import tracking
+    from orchestration.search_space import load_search_space
+
+    ss = load_search_space(spec.search_space)
+    cl = tracking.client(spec.settings["tracking_uri"])
+    parent = tracking.RunLogger(spec.parent_run_id, spec.settings["tracking_uri"])
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or Path(r.path).name
+        run = tracking.find_run(cl, spec.experiment_id, f"sweep/{spec.name}/{spec.dataset}/{trial_id}")
+        reached_end = m.get("training_iteration", 0) >= spec.max_epochs
+        status = "FAILED" if r.error is not None else "FINISHED" if reached_end else "KILLED"
+        if run is not None and run.info.status != status:
+            cl.set_terminated(run.info.run_id, status=status)
+        row = {"trial_id": trial_id, "status": status, "run_id": run.info.run_id if run else "",
+               "epochs": m.get("training_iteration", 0)}
+        row.update({k: r.config.get(k) for k in ss.params} if ss.kind == "optuna" else
+                   {"variant": r.config.get("variant")})
+        for k in ("best_val_mAP", "best_epoch", "test_mAP", "test_R1", "test_R5", "test_R10"):
+            row[k] = m.get(k)
+        rows.append(row)
+    _log_summary(parent, rows, ss, metric, mode)
+    scored = [r for r in rows if _finite(r.get(metric)) and r["status"] != "FAILED" and r["run_id"]]
+    if not scored:
+        print(f"[{spec.dataset}] no trial produced {metric}: nothing to register", flush=True)
+        return None
+    best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+    parent.log_params({f"best.{k}": best[k] for k in (list(ss.params) or ["variant"]) if k in best})
+    parent.log_params({"best.trial_id": best["trial_id"], "best.run_id": best["run_id"]})
+    parent.log_metrics({f"best_{k}": best[k] for k in ("best_val_mAP", "test_mAP", "test_R1", "test_R5", "test_R10")
+                        if _finite(best.get(k))})
+    version = register_champion(spec, best["run_id"], parent)
+    best["model_version"] = version
+    return best
+
+
+def register_champion(spec: SweepSpec, trial_run_id: str, parent: Any) -> str:
+    """Log the best trial's checkpoint as a pyfunc on the parent run; register ``stmi-<dataset>@champion``."""
+    import mlflow
+
+    from orchestration import serving
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = mlflow.artifacts.download_artifacts(run_id=trial_run_id, artifact_path="checkpoints/best.pt",
+                                                   dst_path=tmp, tracking_uri=spec.settings["tracking_uri"])
+        mlflow.set_tracking_uri(spec.settings["tracking_uri"])
+        with mlflow.start_run(run_id=spec.parent_run_id):
+            info = serving.log_model(ckpt, name="champion", registered_model_name=None)
+        version = serving.register_champion(info.model_uri, spec.dataset)
+    parent.set_tags({"stmi.champion_version": version, "stmi.champion_trial_run": trial_run_id})
+    return str(version)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _log_summary(parent: Any, rows: list[dict[str, Any]], ss: Any, metric: str, mode: str) -> None:
+    """Summary table (MLflow table + CSV) and Optuna's importance and history plots on the parent run."""
+    import csv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trials.csv"
+        keys = list(rows[0]) if rows else ["trial_id"]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        parent.log_artifact(path, "summary")
+        parent.client.log_table(parent.run_id, {k: [r.get(k) for r in rows] for k in keys}, "summary/trials.json")
+        if ss.kind != "optuna":
+            return
+        try:
+            for name, fig_path in _optuna_plots(rows, ss, metric, mode, Path(tmp)).items():
+                parent.log_artifact(fig_path, "optuna")
+        except Exception as e:  # plots never fail a sweep
+            log.warning("optuna plots not logged: %s", e)
+
+
+def _optuna_plots(rows: list[dict[str, Any]], ss: Any, metric: str, mode: str, out: Path) -> dict[str, Path]:
+    """Rebuild the study from the trial rows (works after a resume too) and draw importance and history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = ss.optuna_distributions()
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for r in rows:
+        if not _finite(r.get(metric)):
+            continue
+        params = {k: r[k] for k in dists}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r[metric])))
+    paths = {}
+    if len(study.trials) >= 1:
+        ax = ovm.plot_optimization_history(study, target_name=metric)
+        paths["history"] = out / "optimization_history.png"
+        ax.figure.savefig(paths["history"], dpi=110, bbox_inches="tight")
+        plt.close("all")
+    if len(study.trials) >= 2:
+        try:
+            ax = ovm.plot_param_importances(study, target_name=metric)
+            paths["importance"] = out / "param_importances.png"
+            ax.figure.savefig(paths["importance"], dpi=110, bbox_inches="tight")
+        except (RuntimeError, ValueError) as e:  # e.g. all trials equal: importance undefined
+            log.warning("importance plot skipped: %s", e)
+        plt.close("all")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------- command line
+def parser() -> argparse.ArgumentParser:
+    from orchestration.settings import PlatformSettings
+
+    p = argparse.ArgumentParser(
+        prog="python orchestration/sweep.py",
+        description="Search STMI's hyperparameters with Ray Tune + Optuna (+ ASHA) on one or more datasets; runs, "
+                    "metrics and models go to MLflow (S3 artifacts); the best trial per dataset is registered as "
+                    "stmi-<dataset>@champion. With no arguments: the demo (synthetic data, tiny model).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="defaults for everything below: demo (synthetic data, tiny model, minutes on 2 CPUs) or "
+                        "paper (ViT-B-16, the real datasets under --data-root)")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--data-root", help="folder holding RGBNT201/, RGBNT100/, MSVR310/ (required for paper; the "
+                                       "demo generates synthetic data on first use)")
+    p.add_argument("--search-space", help="search_spaces/NAME.yaml, NAME, or a path (default: the preset's)")
+    p.add_argument("--num-samples", type=int, help="trials per dataset (Optuna); a grid runs each variant once")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA does not stop")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--max-concurrent", type=int, help="concurrent trials (default: what the cluster holds)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
+    p.add_argument("--name", help="sweep name (MLflow experiment stmi-<name>, storage path); default preset-time")
+    p.add_argument("--resume", action="store_true", help="continue the sweep --name after an interruption")
+    p.add_argument("--seed", type=int, default=1111, help="Optuna sampler seed")
+    PlatformSettings.add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; returns the exit code."""
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(raw)
+    preset = PRESETS[args.preset]
+    if args.preset == "demo":
+        print("STMI sweep: running the DEMO preset (synthetic data, tiny random-init model, a few trials per dataset)"
+              + ("" if raw else "; see --help for the paper preset and real datasets"), flush=True)
+    else:
+        print(f"STMI sweep: preset {args.preset}", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+    from orchestration import tracking
+    from orchestration.search_space import SearchSpaceError, load_search_space
+    from orchestration.settings import PlatformSettings, SettingsError
+    from stmi.recipes import recipe
+
+    try:
+        ss = load_search_space(args.search_space)
+        settings = PlatformSettings.from_env(args)
+        settings.check_storage()
+        if args.preset == "paper" and not args.data_root:
+            raise SettingsError("--data-root is required for the paper preset (the folder holding RGBNT201/ ...)")
+        if args.resume and not args.name:
+            raise SettingsError("--resume needs --name of the sweep to continue")
+    except (SearchSpaceError, SettingsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cl = tracking.client(settings.tracking_uri)
+    experiment = f"stmi-{name}"
+    exists = cl.get_experiment_by_name(experiment) is not None
+    if exists and not args.resume:
+        print(f"error: sweep {name!r} exists (MLflow experiment {experiment!r}); pass --resume to continue it or "
+              "choose another --name", file=sys.stderr)
+        return 2
+    exp_id = tracking.get_or_create_experiment(cl, experiment)
+    print(f"sweep {name!r}: MLflow experiment {experiment!r} at {settings.tracking_uri}; search space {ss.path.name} "
+          f"({ss.kind}); datasets {', '.join(args.datasets)}", flush=True)
+
+    import ray
+
+    ray.init(ignore_reinit_error=True)
+    max_concurrent = args.max_concurrent or default_max_concurrent(args.workers_per_trial, args.cpus_per_worker,
+                                                                   args.gpus_per_worker)
+    summary = {}
+    failed = False
+    for dataset in args.datasets:
+        data_root = _data_root(args, dataset)
+        max_epochs = args.max_epochs or recipe(args.recipe, dataset).optim.epochs
+        parent_key = f"sweep/{name}/{dataset}"
+        parent_id = tracking.get_or_create_run(cl, exp_id, parent_key, dataset,
+                                               tags={"stmi.sweep": name, "stmi.dataset": dataset,
+                                                     "stmi.role": "parent"})
+        parent = tracking.RunLogger(parent_id, settings.tracking_uri)
+        if cl.get_run(parent_id).data.tags.get("stmi.sweep_done") == "true":
+            print(f"[{dataset}] already finished in a previous run of this sweep: skipped", flush=True)
+            continue
+        spec = SweepSpec(name=name, dataset=dataset, recipe=args.recipe, data_root=data_root,
+                         search_space=str(ss.path), max_epochs=max_epochs, workers=args.workers_per_trial,
+                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                         max_failures=args.max_failures, experiment_id=exp_id, parent_run_id=parent_id,
+                         settings={"s3_endpoint": settings.s3_endpoint, "bucket": settings.bucket,
+                                   "prefix": settings.prefix, "tracking_uri": settings.tracking_uri})
+        parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
+                           "sweep.num_samples": args.num_samples, "sweep.max_epochs": max_epochs,
+                           "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
+                           "sweep.max_concurrent": max_concurrent})
+        parent.log_artifact(ss.path, "search_space")
+        print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
+              f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
+        tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
+        results = tuner.fit()
+        best = finish_dataset(spec, results, ss.metric, ss.mode)
+        if best is None:
+            parent.terminate("FAILED")
+            failed = True
+            continue
+        summary[dataset] = best
+        parent.set_tags({"stmi.sweep_done": "true"})
+        parent.terminate("FINISHED")
+        print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
+              f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
+              f"{best['model_version']} as @champion", flush=True)
+    print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
+          flush=True)
+    return 1 if failed else 0
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if _finite(v) else "n/a"
+
+
+def _data_root(args: argparse.Namespace, dataset: str) -> str:
+    if args.data_root:
+        return str(Path(args.data_root).expanduser().absolute())
+    from orchestration.demo_data import ensure_demo_dataset
+
+    print(f"[{dataset}] synthetic demo data (generated on first use)...", flush=True)
+    return str(ensure_demo_dataset(dataset))
+
+
+if __name__ == "__main__":
+    # Run the importable module's main so Ray pickles orchestration.sweep functions by reference, not __main__.
+    from orchestration.sweep import main as _main
+
+    sys.exit(_main())
