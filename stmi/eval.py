@@ -5,23 +5,23 @@ each query the gallery entries with the same identity AND the same camera are re
 same scene, whatever the camera), queries left with no valid match are skipped and counted, AP per query is
 ``sum over hits of (hits so far / rank) / number of hits``, mAP the mean over valid queries, CMC cut at rank 50.
 
-Why not the reference implementation (full ``argsort`` of the distance matrix, then a Python loop over queries):
-the full sort is ``O(Q G log G)`` time and ``Q x G`` int64 memory (3.2 GB at 20k x 20k), and the loop costs a
-few full-row NumPy passes per query. Scoring needs much less than a sorted row: a positive's rank among the
-valid entries is just the number of valid entries with a smaller distance. So, per chunk of queries, we sort only
-the positives of each query (a few dozen or hundred values), ``searchsorted`` every valid gallery distance into
-them, and count with one ``bincount``: for the ``i``-th closest positive, ``rank_i = #{valid k : d_k < p_i}``.
-That is ``O(G log P)`` per query, fully vectorised, and the only ``Q x G``-sized buffers live for one chunk.
+Why not the reference implementation (``np.argsort`` of the whole distance matrix, then a Python loop over
+queries): the sorted indices are ``Q x G`` int64 (3.2 GB at 20k x 20k) and the loop makes several full-row passes
+with fancy indexing per query. Scoring needs much less than the sorted order of every row: a positive's rank among
+the valid entries is the number of valid entries with a smaller distance. So, per chunk of queries, the removed
+entries are set to +inf in a copy of the chunk, the copy's rows are sorted *by value* (NumPy's SIMD sort, about
+4x cheaper than ``argsort``, and no index array), and each query's few positives are ``searchsorted`` into its
+sorted row. Same-identity gallery entries are found from a gallery grouped by identity once, not by a ``Q x G``
+comparison, so the only chunk-sized buffer is the sorted copy.
 
 Ties are defined as in a *stable* argsort of the row: among equal distances the smaller gallery index comes first.
-The fast path is exact when no valid gallery entry ties with a positive (always true for continuous features);
-rows where such a tie occurs are detected and re-scored with a stable sort, so the result never depends on the
-path taken.
+The fast path is exact when no valid gallery entry ties with a positive (true for continuous features); rows where
+such a tie occurs are detected (the next sorted value equals the positive's) and re-scored with a stable argsort,
+so the result never depends on the path taken.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,130 +33,138 @@ if TYPE_CHECKING:
 
 ArrayLike = Any  # numpy array, torch tensor or sequence
 
-#: Elements of one query chunk (rows x gallery size) when ``chunk_size`` is not given: ~2M keeps the transient
-#: int64 buffers of a chunk around 40 MB whatever the gallery size.
+#: Elements of one query chunk (rows x gallery size) when ``chunk_size`` is not given: ~2M keeps the chunk's
+#: sorted copy at 8-16 MB whatever the gallery size.
 DEFAULT_CHUNK_ELEMENTS = 2_000_000
 
 
-def _as_long(x: ArrayLike, name: str, device: torch.device) -> torch.Tensor:
-    """1-D int64 tensor on ``device`` from a numpy array, tensor or sequence."""
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if t.ndim != 1:
-        raise ValueError(f"evaluate_ranking: {name} must be 1-D, got shape {tuple(t.shape)}")
-    return t.to(device=device, dtype=torch.int64)
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    """numpy view/copy of a numpy array, torch tensor (any device) or sequence."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_ids(x: ArrayLike, name: str) -> np.ndarray:
+    a = _to_numpy(x)
+    if a.ndim != 1:
+        raise ValueError(f"evaluate_ranking: {name} must be 1-D, got shape {a.shape}")
+    return a.astype(np.int64, copy=False)
 
 
 @dataclass
 class _ChunkScores:
-    """Per-query results of one chunk (all length = chunk rows)."""
+    """Per-query results of one chunk (all of length = chunk rows)."""
 
-    ap: torch.Tensor  # float64, 0 for queries with no valid match
-    inp: torch.Tensor  # float64, num_pos / (rank of the last positive + 1)
-    first: torch.Tensor  # int64, 0-based rank of the first positive among valid entries (-1 if none)
-    valid: torch.Tensor  # bool, the query has at least one valid match
+    ap: np.ndarray  # float64, 0 for queries with no valid match
+    inp: np.ndarray  # float64, num_pos / (rank of the last positive), the mINP term
+    first: np.ndarray  # int64, 0-based rank of the first positive among valid entries (-1 if none)
+    valid: np.ndarray  # bool, the query has at least one valid match
 
 
-def _score_sorted(dist: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor) -> _ChunkScores:
-    """Exact scores from a stable sort of each row: the tie rule's definition, used for rows with ties."""
-    order = torch.sort(dist, dim=1, stable=True).indices
-    valid_s = valid.gather(1, order)
-    pos_s = pos.gather(1, order)
-    vrank = valid_s.cumsum(1) - 1  # 0-based rank among valid entries at each sorted position
-    hits = pos_s.cumsum(1)  # hits so far (inclusive)
+class _Gallery:
+    """Gallery identities grouped once, so a chunk finds its same-identity entries without a ``Q x G`` compare."""
+
+    def __init__(self, pids: np.ndarray, groups: np.ndarray) -> None:
+        self.pids, self.groups = pids, groups
+        self.order = np.argsort(pids, kind="stable")  # within an identity: ascending gallery index
+        self.uniq, self.start, self.count = np.unique(pids[self.order], return_index=True, return_counts=True)
+
+    def same_identity(self, q_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of every gallery entry sharing the query's identity; rows ascending, cols ascending per row."""
+        loc = np.minimum(np.searchsorted(self.uniq, q_pids), max(len(self.uniq) - 1, 0))
+        found = self.uniq[loc] == q_pids if len(self.uniq) else np.zeros(len(q_pids), dtype=bool)
+        cnt = np.where(found, self.count[loc] if len(self.uniq) else 0, 0)
+        rows = np.repeat(np.arange(len(q_pids)), cnt)
+        within = np.arange(len(rows)) - (np.cumsum(cnt) - cnt)[rows]
+        cols = self.order[self.start[loc[rows]] + within]
+        return rows, cols
+
+
+def _score_sorted(dist: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> _ChunkScores:
+    """Exact scores from a stable argsort of each row: the definition of the tie rule, used for rows with ties."""
+    order = np.argsort(dist, axis=1, kind="stable")
+    valid_s = np.take_along_axis(valid, order, 1)
+    pos_s = np.take_along_axis(pos, order, 1)
+    vrank = np.cumsum(valid_s, 1) - 1  # 0-based rank among valid entries at each sorted position
+    hits = np.cumsum(pos_s, 1)
     npos = pos_s.sum(1)
-    contrib = torch.where(pos_s, hits.double() / (vrank.double() + 1.0), torch.zeros((), dtype=torch.float64,
-                                                                                       device=dist.device))
     has = npos > 0
-    ap = torch.where(has, contrib.sum(1) / npos.clamp(min=1).double(), torch.zeros_like(contrib[:, 0]))
-    big = torch.iinfo(torch.int64).max
-    masked = torch.where(pos_s, vrank, torch.full_like(vrank, big))
-    first = torch.where(has, masked.min(1).values, torch.full_like(npos, -1))
-    last = torch.where(pos_s, vrank, torch.full_like(vrank, -1)).max(1).values
-    inp = torch.where(has, npos.double() / (last.double() + 1.0), torch.zeros_like(ap))
-    return _ChunkScores(ap=ap, inp=inp, first=first, valid=has)
+    ap = np.where(pos_s, hits / np.maximum(vrank + 1.0, 1.0), 0.0).sum(1) / np.maximum(npos, 1)
+    first = np.where(has, np.where(pos_s, vrank, np.iinfo(np.int64).max).min(1), -1)
+    last = np.where(pos_s, vrank, -1).max(1)
+    inp = np.where(has, npos / (last + 1.0), 0.0)
+    return _ChunkScores(ap=np.where(has, ap, 0.0), inp=inp, first=first.astype(np.int64), valid=has)
 
 
-def _score_chunk(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_grp: torch.Tensor,
-                 g_grp: torch.Tensor) -> _ChunkScores:
-    """Score one chunk of queries against the whole gallery without sorting the rows.
+def _score_chunk(dist: np.ndarray, q_pids: np.ndarray, q_grp: np.ndarray, gallery: _Gallery) -> _ChunkScores:
+    """Score one chunk of queries against the whole gallery (see the module docstring for the method).
 
     Args:
-        dist: ``(c, G)`` distances (float32 or float64), any device.
+        dist: ``(c, G)`` float distances of the chunk (not modified).
         q_pids, q_grp: ``(c,)`` query identities and removal groups (camera, or scene for MSVR310).
-        g_pids, g_grp: ``(G,)`` gallery identities and removal groups.
+        gallery: the gallery identities and removal groups, grouped by identity.
     """
-    c, g = dist.shape
-    dev = dist.device
-    same_pid = q_pids[:, None] == g_pids[None, :]
-    valid = ~(same_pid & (q_grp[:, None] == g_grp[None, :]))
-    pos = same_pid & valid
-    del same_pid
-    npos = pos.sum(1)
-    pmax = int(npos.max().item()) if c else 0
-    if pmax == 0:
-        zeros = torch.zeros(c, dtype=torch.float64, device=dev)
-        return _ChunkScores(ap=zeros, inp=zeros.clone(), first=torch.full((c,), -1, dtype=torch.int64, device=dev),
-                            valid=torch.zeros(c, dtype=torch.bool, device=dev))
+    c = dist.shape[0]
+    rows, cols = gallery.same_identity(q_pids)
+    junk = gallery.groups[cols] == q_grp[rows]
+    # Removed entries become +inf so that "valid entries below v" is a plain count in the sorted row.
+    srt = np.array(dist, dtype=dist.dtype if dist.dtype.kind == "f" else np.float64, order="C", copy=True)
+    srt[rows[junk], cols[junk]] = np.inf
+    srt.sort(axis=1)  # values only (no indices): the fast SIMD sort, and one chunk-sized buffer
+    if c and bool(np.isnan(srt[:, -1]).any()):  # NaN sorts last
+        bad = np.nonzero(np.isnan(srt[:, -1]))[0]
+        raise ValueError(f"evaluate_ranking: distmat has NaN in query rows {bad[:5].tolist()} (of this chunk)")
 
-    # Gather each row's positive distances into a (c, pmax) block padded with +inf, then sort it (small).
-    rows, cols = pos.nonzero(as_tuple=True)  # row-major: rows ascending
-    starts = torch.cumsum(npos, 0) - npos
-    slot = torch.arange(rows.numel(), device=dev) - starts[rows]
-    p = torch.full((c, pmax), math.inf, dtype=dist.dtype, device=dev)
-    p[rows, slot] = dist[rows, cols]
-    p = torch.sort(p, dim=1).values
+    prow, pcol = rows[~junk], cols[~junk]
+    pval = dist[prow, pcol].astype(srt.dtype, copy=False)
+    o = np.lexsort((pval, prow))  # by row, then distance; stable, so equal distances keep gallery-index order
+    prow, pval = prow[o], pval[o]
+    npos = np.bincount(prow, minlength=c)
+    starts = np.cumsum(npos) - npos
+    left = np.empty(len(pval), dtype=np.int64)
+    for r in np.nonzero(npos)[0]:
+        s, e = starts[r], starts[r] + npos[r]
+        left[s:e] = np.searchsorted(srt[r], pval[s:e], side="left")
+    # The positive itself sits at srt[r, left]; another valid entry with the same distance sits right after it.
+    nxt = np.minimum(left + 1, srt.shape[1] - 1)
+    tie = (left + 1 < srt.shape[1]) & (srt[prow, nxt] == pval)
 
-    # b[k] = number of positives with distance <= d_k; a valid k lies before the i-th positive iff b[k] <= i.
-    b = torch.searchsorted(p, dist, right=True)
-
-    # Rows where a valid non-positive entry ties with a positive, or two positives tie, need the stable order.
-    prev = p.gather(1, (b - 1).clamp(min=0))
-    tie = ((prev == dist) & (b > 0) & valid & ~pos).any(1)
-    tie |= ((p[:, 1:] == p[:, :-1]) & torch.isfinite(p[:, 1:])).any(1)
-    del prev
-
-    width = pmax + 2  # buckets 0..pmax, plus pmax + 1 for removed entries
-    b.masked_fill_(~valid, pmax + 1)
-    b += (torch.arange(c, device=dev) * width)[:, None]
-    counts = torch.bincount(b.view(-1), minlength=c * width).view(c, width)
-    del b
-    r = counts.cumsum(1)[:, :pmax]  # r[:, i] = valid entries strictly before the i-th positive
-    i = torch.arange(pmax, device=dev)
-    in_row = i[None, :] < npos[:, None]
+    hit = np.arange(len(pval)) - starts[prow]  # 0-based order among the query's positives
     has = npos > 0
-    terms = (i[None, :] + 1).double() / (r.double() + 1.0)
-    ap = torch.where(in_row, terms, torch.zeros_like(terms)).sum(1) / npos.clamp(min=1).double()
-    ap = torch.where(has, ap, torch.zeros_like(ap))
-    first = torch.where(has, r[:, 0], torch.full_like(npos, -1))
-    last = r.gather(1, (npos - 1).clamp(min=0)[:, None])[:, 0]
-    inp = torch.where(has, npos.double() / (last.double() + 1.0), torch.zeros_like(ap))
-    out = _ChunkScores(ap=ap, inp=inp, first=first, valid=has)
+    ap = np.bincount(prow, weights=(hit + 1.0) / (left + 1.0), minlength=c) / np.maximum(npos, 1)
+    first = np.where(has, left[np.minimum(starts, max(len(left) - 1, 0))] if len(left) else -1, -1)
+    last = left[np.maximum(starts + npos - 1, 0)] if len(left) else np.zeros(c, dtype=np.int64)
+    inp = np.where(has, npos / (last + 1.0), 0.0)
+    out = _ChunkScores(ap=ap, inp=inp, first=first.astype(np.int64), valid=has)
 
-    if bool(tie.any()):
-        idx = tie.nonzero(as_tuple=True)[0]
-        exact = _score_sorted(dist[idx], valid[idx], pos[idx])
-        out.ap[idx], out.inp[idx], out.first[idx], out.valid[idx] = exact.ap, exact.inp, exact.first, exact.valid
+    tie_rows = np.unique(prow[tie])
+    if len(tie_rows):
+        same = q_pids[tie_rows, None] == gallery.pids[None, :]
+        valid = ~(same & (q_grp[tie_rows, None] == gallery.groups[None, :]))
+        exact = _score_sorted(dist[tie_rows], valid, same & valid)
+        out.ap[tie_rows], out.inp[tie_rows], out.first[tie_rows] = exact.ap, exact.inp, exact.first
     return out
 
 
 def _finalise(parts: list[_ChunkScores], num_queries: int, max_rank: int) -> dict[str, Any]:
     """mAP / mINP / CMC over the valid queries of all chunks."""
-    ap = torch.cat([p.ap for p in parts]).cpu().numpy() if parts else np.zeros(0)
-    inp = torch.cat([p.inp for p in parts]).cpu().numpy() if parts else np.zeros(0)
-    first = torch.cat([p.first for p in parts]).cpu().numpy() if parts else np.zeros(0, dtype=np.int64)
-    valid = torch.cat([p.valid for p in parts]).cpu().numpy() if parts else np.zeros(0, dtype=bool)
+    ap = np.concatenate([p.ap for p in parts]) if parts else np.zeros(0)
+    inp = np.concatenate([p.inp for p in parts]) if parts else np.zeros(0)
+    first = np.concatenate([p.first for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    valid = np.concatenate([p.valid for p in parts]) if parts else np.zeros(0, dtype=bool)
     nvalid = int(valid.sum())
     if nvalid == 0:
         raise ValueError(
             f"evaluate_ranking: none of the {num_queries} queries has a valid gallery match (every gallery entry of "
             "a query's identity shares its camera, or scene for MSVR310, or the identity is absent from the "
             "gallery). Check the query/gallery split, or the validation split's val_fraction.")
-    fv = first[valid]
-    cmc = (fv[None, :] <= np.arange(max_rank)[:, None]).mean(1).astype(np.float64)
+    hist = np.bincount(np.minimum(first[valid], max_rank), minlength=max_rank + 1)[:max_rank]
+    cmc = np.cumsum(hist) / nvalid
     res: dict[str, Any] = {
         "mAP": float(ap[valid].mean()),
         "mINP": float(inp[valid].mean()),
-        "cmc": cmc,
+        "cmc": cmc.astype(np.float64),
         "num_valid_queries": nvalid,
         "num_queries": num_queries,
         "ap": ap,  # per query (0 for skipped queries), for per-identity analysis
@@ -174,8 +182,9 @@ def evaluate_ranking(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q
     """Score a query x gallery distance matrix with the ReID protocol of DATASETS.md.
 
     Args:
-        distmat: ``(Q, G)`` distances, smaller = more similar (numpy array or torch tensor, any device). NaN is
-            an error; ties are broken by gallery index (the order of a stable argsort).
+        distmat: ``(Q, G)`` distances, smaller = more similar (numpy array or torch tensor, any device; a CUDA
+            tensor is copied to the host one chunk at a time). NaN is an error; ties are broken by gallery index
+            (the order of a stable argsort).
         q_pids, g_pids: identities of queries and gallery entries.
         q_camids, g_camids: cameras; with scene ids absent, gallery entries with the query's identity AND camera
             are removed (RGBNT201, RGBNT100).
@@ -183,43 +192,42 @@ def evaluate_ranking(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q
             removed whatever the camera.
         max_rank: CMC length; reduced to the gallery size when the gallery is smaller (as the reference does).
         chunk_size: queries scored at a time; ``None`` picks ``DEFAULT_CHUNK_ELEMENTS // G`` rows. Memory beyond
-            the inputs is a few ``chunk_size x G`` buffers, never the whole sorted matrix.
+            the inputs is one ``chunk_size x G`` sorted copy plus per-positive vectors, never a sorted matrix.
 
     Returns:
         ``mAP`` and ``mINP`` (floats, fractions in [0, 1], means over valid queries), ``cmc`` (numpy float64 of
-        length ``max_rank``, fraction of valid queries with a hit within rank ``k + 1``), ``R1``/``R5``/``R10``,
+        length ``max_rank``: fraction of valid queries with a hit within rank ``k + 1``), ``R1``/``R5``/``R10``,
         ``num_valid_queries``, ``num_queries``, and per-query ``ap`` / ``valid`` arrays.
 
     Raises:
         ValueError: shapes disagree, NaN distances, or no query has a valid match.
     """
-    dist = distmat.detach() if isinstance(distmat, torch.Tensor) else torch.from_numpy(np.asarray(distmat))
-    if dist.ndim != 2:
-        raise ValueError(f"evaluate_ranking: distmat must be 2-D (queries x gallery), got shape {tuple(dist.shape)}")
-    if not dist.is_floating_point():
-        dist = dist.double()
-    nq, ng = dist.shape
-    dev = dist.device
+    if isinstance(distmat, torch.Tensor):
+        distmat = distmat.detach()
+    else:
+        distmat = np.asarray(distmat)
+    if distmat.ndim != 2:
+        raise ValueError(f"evaluate_ranking: distmat must be 2-D (queries x gallery), got shape {tuple(distmat.shape)}")
+    nq, ng = distmat.shape
     use_scenes = q_sceneids is not None or g_sceneids is not None
     if use_scenes and (q_sceneids is None or g_sceneids is None):
         raise ValueError("evaluate_ranking: give both q_sceneids and g_sceneids (MSVR310 rule) or neither")
-    qp, gp = _as_long(q_pids, "q_pids", dev), _as_long(g_pids, "g_pids", dev)
-    qg = _as_long(q_sceneids if use_scenes else q_camids, "q_sceneids" if use_scenes else "q_camids", dev)
-    gg = _as_long(g_sceneids if use_scenes else g_camids, "g_sceneids" if use_scenes else "g_camids", dev)
-    for name, t, n in (("q_pids", qp, nq), ("g_pids", gp, ng), ("query groups", qg, nq), ("gallery groups", gg, ng)):
-        if t.numel() != n:
-            raise ValueError(f"evaluate_ranking: {name} has {t.numel()} entries but distmat is {nq} x {ng}")
+    qp, gp = _as_ids(q_pids, "q_pids"), _as_ids(g_pids, "g_pids")
+    qg = _as_ids(q_sceneids if use_scenes else q_camids, "q_sceneids" if use_scenes else "q_camids")
+    gg = _as_ids(g_sceneids if use_scenes else g_camids, "g_sceneids" if use_scenes else "g_camids")
+    for name, a, n in (("q_pids", qp, nq), ("g_pids", gp, ng), ("query groups", qg, nq), ("gallery groups", gg, ng)):
+        if len(a) != n:
+            raise ValueError(f"evaluate_ranking: {name} has {len(a)} entries but distmat is {nq} x {ng}")
     max_rank = max(1, min(max_rank, ng))
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(ng, 1))
     if chunk_size < 1:
         raise ValueError(f"evaluate_ranking: chunk_size must be >= 1, got {chunk_size}")
+    gallery = _Gallery(gp, gg)
     parts = []
     for s in range(0, nq, chunk_size):
-        d = dist[s:s + chunk_size].contiguous()
-        if bool(torch.isnan(d).any()):
-            raise ValueError(f"evaluate_ranking: distmat has NaN in query rows {s}..{s + d.shape[0] - 1}")
-        parts.append(_score_chunk(d, qp[s:s + chunk_size], gp, qg[s:s + chunk_size], gg))
+        d = _to_numpy(distmat[s:s + chunk_size])
+        parts.append(_score_chunk(d, qp[s:s + chunk_size], qg[s:s + chunk_size], gallery))
     return _finalise(parts, nq, max_rank)
 
 
@@ -333,13 +341,17 @@ def evaluate(model: torch.nn.Module, query_loader: Iterable[dict[str, Any]], gal
 def evaluate_features(qf: Features, gf: Features, use_scenes: bool = False, max_rank: int = 50,
                       chunk_size: int | None = None, num_vis: int = 8, top_k: int = 10, return_distmat: bool = False,
                       device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Score extracted features (the second half of :func:`evaluate`; see there)."""
+    """Score extracted features (the second half of :func:`evaluate`; see there).
+
+    Distances are computed on ``device`` one query chunk at a time and ranked on the host by the kernel of
+    :func:`evaluate_ranking`.
+    """
     device = torch.device(device)
     q, g = qf.feats.to(device), gf.feats.to(device)
     nq, ng = q.shape[0], g.shape[0]
-    qp, gp = torch.as_tensor(qf.pids, device=device), torch.as_tensor(gf.pids, device=device)
-    qgrp = torch.as_tensor(qf.sceneids if use_scenes else qf.camids, device=device)
-    ggrp = torch.as_tensor(gf.sceneids if use_scenes else gf.camids, device=device)
+    qp, gp = qf.pids.astype(np.int64), gf.pids.astype(np.int64)
+    qgrp = (qf.sceneids if use_scenes else qf.camids).astype(np.int64)
+    ggrp = (gf.sceneids if use_scenes else gf.camids).astype(np.int64)
     if use_scenes and (bool((qgrp < 0).any()) or bool((ggrp < 0).any())):
         raise ValueError("evaluate: use_scenes=True but some records have no scene id (sceneid -1); the scene rule "
                          "is for MSVR310 only")
@@ -348,18 +360,19 @@ def evaluate_features(qf: Features, gf: Features, use_scenes: bool = False, max_
         np.zeros(0, dtype=np.int64)
     top = np.full((len(vis), top_k), -1, dtype=np.int64)
     full = np.empty((nq, ng), dtype=np.float32) if return_distmat else None
+    gallery = _Gallery(gp, ggrp)
     parts = []
     for s in range(0, nq, chunk):
-        d = pairwise_distance(q[s:s + chunk], g)
-        parts.append(_score_chunk(d, qp[s:s + chunk], gp, qgrp[s:s + chunk], ggrp))
+        d = pairwise_distance(q[s:s + chunk], g).float().cpu().numpy()
+        parts.append(_score_chunk(d, qp[s:s + chunk], qgrp[s:s + chunk], gallery))
         if full is not None:
-            full[s:s + d.shape[0]] = d.float().cpu().numpy()
+            full[s:s + d.shape[0]] = d
         for j, qi in enumerate(vis):
             if s <= qi < s + d.shape[0]:
-                row = d[qi - s].clone()
-                row[(gp == qp[qi]) & (ggrp == qgrp[qi])] = math.inf
-                order = torch.sort(row, stable=True).indices
-                order = order[torch.isfinite(row[order])][:top_k].cpu().numpy()
+                row = d[qi - s].copy()
+                row[(gp == qp[qi]) & (ggrp == qgrp[qi])] = np.inf
+                order = np.argsort(row, kind="stable")
+                order = order[np.isfinite(row[order])][:top_k]
                 top[j, :len(order)] = order
     res = _finalise(parts, nq, max(1, min(max_rank, ng)))
     res["vis_queries"] = vis
