@@ -1,0 +1,103 @@
+"""Paired transforms: one geometry for the three modalities and the mask, photometric noise per modality.
+
+The mask says which pixels are foreground in every modality (SPEC.md section 3), so a flip or crop applied to the
+images and not to the mask would teach SFM the wrong tokens. The geometric steps therefore run once on a stack of
+the three images and the mask; random erasing (an occlusion augmentation) then runs independently per modality and
+never touches the mask, which keeps describing the true object. The steps and defaults follow the anchors' recipe
+(DATASETS.md): bicubic resize, horizontal flip, zero pad + random crop, random erasing in timm's ``pixel`` mode
+(normal noise after normalisation, area 2-33 %, aspect 0.3-3.3), CLIP mean/std normalisation.
+
+Randomness comes from ``torch``'s generator (the global one unless one is passed), which DataLoader seeds per worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""open_clip's OPENAI_DATASET_MEAN (copied so this module does not import open_clip)."""
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""open_clip's OPENAI_DATASET_STD."""
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """``(C, H, W)`` float in [0, 1] (``L`` images give one channel)."""
+    a = np.asarray(img, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """CLIP mean/std normalisation of a ``(3, H, W)`` tensor in [0, 1]."""
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                 area: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """timm's ``RandomErasing(mode="pixel", max_count=1)``: with probability ``p`` a random box gets N(0, 1) noise."""
+    if p <= 0 or torch.rand((), generator=generator).item() >= p:
+        return x
+    _, h, w = x.shape
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        a = h * w * (area[0] + (area[1] - area[0]) * torch.rand((), generator=generator).item())
+        r = math.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand((), generator=generator).item())
+        eh, ew = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < eh < h and 0 < ew < w:
+            top = int(torch.randint(0, h - eh + 1, (), generator=generator))
+            left = int(torch.randint(0, w - ew + 1, (), generator=generator))
+            x = x.clone()
+            x[:, top:top + eh, left:left + ew] = torch.randn((x.shape[0], eh, ew), generator=generator, dtype=x.dtype)
+            return x
+    return x
+
+
+class PairedTransform:
+    """Resize (+ flip, pad + crop, erasing when training) three modality images and their mask together.
+
+    Args:
+        image_size: output (H, W), ``cfg.model.image_size``.
+        train: training augmentation on; off = resize and normalise only (evaluation).
+        flip_p: horizontal flip probability (``cfg.data.flip_p``).
+        pad: zero padding before the random crop back to ``image_size`` (``cfg.data.pad``).
+        erasing_p: random-erasing probability, drawn independently per modality (``cfg.data.erasing_p``).
+    """
+
+    def __init__(self, image_size: tuple[int, int], train: bool, flip_p: float = 0.5, pad: int = 10,
+                 erasing_p: float = 0.5) -> None:
+        self.size = (int(image_size[0]), int(image_size[1]))
+        self.train = train
+        self.flip_p = flip_p
+        self.pad = pad
+        self.erasing_p = erasing_p
+
+    def __call__(self, images: Sequence[Image.Image], mask: Image.Image | None = None,
+                 generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Return the normalised ``(3, H, W)`` images and the ``(1, H, W)`` mask in {0, 1} (or None)."""
+        h, w = self.size
+        parts = [pil_to_tensor(im.convert("RGB").resize((w, h), Image.BICUBIC)) for im in images]
+        if mask is not None:
+            parts.append((pil_to_tensor(mask.convert("L").resize((w, h), Image.NEAREST)) > 0).float())
+        x = torch.cat(parts, 0)
+        if self.train:
+            if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
+                x = x.flip(-1)
+            if self.pad > 0:
+                x = F.pad(x, (self.pad, self.pad, self.pad, self.pad))
+                i = int(torch.randint(0, 2 * self.pad + 1, (), generator=generator))
+                j = int(torch.randint(0, 2 * self.pad + 1, (), generator=generator))
+                x = x[:, i:i + h, j:j + w]
+        out = [normalize(x[3 * k:3 * k + 3]) for k in range(len(images))]
+        if self.train:
+            out = [random_erase(im, self.erasing_p, generator) for im in out]
+        m = x[3 * len(images):].contiguous() if mask is not None else None
+        return out, m
