@@ -158,3 +158,58 @@ def test_evaluate_features_distance_and_top10():
         row = res["top10"][j]
         assert not np.any((pids[row] == pids[qi]) & (cams[row] == cams[qi]))
         assert np.all(np.diff(d[qi, row]) >= 0)
+
+
+def test_memory_is_bounded_by_the_chunk():
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    d, qp, gp, qc, gc = random_problem(rng, 400, 5000, 40, 4)  # 16 MB of distances
+    tracemalloc.start()
+    small = evaluate_ranking(d, qp, gp, qc, gc, chunk_size=10)
+    peak_small = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    tracemalloc.start()
+    whole = evaluate_ranking(d, qp, gp, qc, gc, chunk_size=400)
+    peak_whole = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert small["mAP"] == whole["mAP"]
+    assert peak_small < 2 * 10 * 5000 * 8 + 1_000_000  # one chunk's sorted copy plus per-query vectors
+    assert peak_whole > 400 * 5000 * 8  # the single chunk holds a sorted copy of the whole matrix
+
+
+def _records(tmp_path, dataset):
+    from stmi.data.datasets import read_split
+    from stmi.data.synth import make_synthetic
+
+    root = make_synthetic(dataset, tmp_path / dataset, ids=6, images_per_id=3, seed=0)
+    return read_split(dataset, root, "query"), read_split(dataset, root, "gallery")
+
+
+@pytest.mark.parametrize("dataset", ["rgbnt201", "rgbnt100"])
+def test_retrieval_picture_marks_correct_and_wrong(tmp_path, dataset):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from stmi.plots import plot_cmc, plot_retrieval
+
+    query, gallery = _records(tmp_path, dataset)
+    q = 0
+    same = [i for i, g in enumerate(gallery) if g.pid == query[q].pid][:3]
+    other = [i for i, g in enumerate(gallery) if g.pid != query[q].pid][:3]
+    assert same and other
+    red = np.array([214, 39, 40])  # matplotlib tab:red
+    green = np.array([44, 160, 44])  # tab:green
+
+    def count(path, colour):
+        a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(a - colour).sum(-1) <= 6).sum())
+
+    good = plot_retrieval(query, gallery, np.array([same + [-1] * (10 - len(same))]), tmp_path / "good.png",
+                          query_indices=[q])
+    bad = plot_retrieval(query, gallery, np.array([other + [-1] * (10 - len(other))]), tmp_path / "bad.png",
+                         query_indices=[q])
+    assert count(good, green) > 10 * count(good, red) + 50
+    assert count(bad, red) > 10 * count(bad, green) + 50
+    cmc = plot_cmc(np.linspace(0.5, 1.0, 50), tmp_path / "cmc.png", title="val")
+    assert Image.open(cmc).size[0] > 100
