@@ -43,7 +43,7 @@ def _as_bh(x: Scalar, name: str, batch: int, heads: int, ref: Tensor) -> Tensor:
     Accepted: python numbers, 0-d tensors, ``(H,)`` per head, and 2-d values broadcastable to ``(B, H)`` such as
     ``(B, 1)`` per sample (used to zero the modulation of samples without a mask).
     """
-    t = x if isinstance(x, Tensor) else torch.tensor(float(x))
+    t = x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=ref.dtype)
     t = t.to(device=ref.device, dtype=ref.dtype)
     if t.dim() == 0:
         t = t.reshape(1, 1)
