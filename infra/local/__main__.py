@@ -1,0 +1,98 @@
+"""``python -m infra.local up|down|status|demo``: the local stack on 127.0.0.1 (``make up``, ``make down`` ...)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from infra.local.stack import DEFAULT_STATE_DIR, LocalStack, Ports, StackConfig, StackError
+
+DESCRIPTION = """\
+The local STMI stack: a SeaweedFS S3 server with the bucket, an MLflow tracking server (SQLite backend,
+artifacts in the bucket) and a Ray head with its dashboard, all on 127.0.0.1. `up` and `down` are
+idempotent. After `up`, Ray jobs see the S3 and MLflow settings; for your shell: `source .stmi/env`.
+"""
+
+EPILOG = """\
+examples:
+  python -m infra.local up                      start everything (ports 8333 S3, 5000 MLflow, 8265 Ray dashboard)
+  python -m infra.local up --mlflow-port 5050   another MLflow port (saved: status/down follow it)
+  python -m infra.local status                  health of each service; exit code 1 if one is unhealthy
+  python -m infra.local down                    stop everything, nothing left running
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m infra.local", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="where data, logs, pids, credentials and the env file live (default: %(default)s)")
+    ports = common.add_argument_group("ports (default: the ones saved by the last `up`, else the standard ones)")
+    for f in dataclasses.fields(Ports):
+        ports.add_argument(Ports.flag(f.name), dest=f"port_{f.name}", type=int, metavar="N",
+                           help=f"default {f.default}" + (" (0: chosen by Ray)" if f.default == 0 else ""))
+    up_only = argparse.ArgumentParser(add_help=False)
+    g = up_only.add_argument_group("stack settings (saved for later commands)")
+    g.add_argument("--bucket", help="S3 bucket for MLflow artifacts and Ray storage (default stmi)")
+    g.add_argument("--prefix", help="key prefix inside the bucket (default stmi)")
+    g.add_argument("--num-cpus", type=int, help="CPUs the Ray head advertises (default: all)")
+    g.add_argument("--num-gpus", type=int, help="GPUs the Ray head advertises (default: detected)")
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{up,down,status,demo}")
+    sub.add_parser("up", parents=[common, up_only], help="start S3 + bucket, MLflow and the Ray head",
+                   description="Start what is not running yet and wait until it answers; writes <state-dir>/env.")
+    sub.add_parser("down", parents=[common], help="stop everything (harmless when nothing runs)",
+                   description="Stop the Ray head, MLflow and S3 with every process they spawned.")
+    sub.add_parser("status", parents=[common], help="health of each service",
+                   description="Check each service: S3 ListBuckets, MLflow /health, Ray dashboard + GCS.")
+    sub.add_parser("demo", parents=[common, up_only], help="stack up, the demo sweep via `ray job submit`, a report",
+                   description="Start the stack and run the demo sweep as a Ray job, then print a report.")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> StackConfig:
+    port_overrides = {f.name: getattr(args, f"port_{f.name}") for f in dataclasses.fields(Ports)
+                      if getattr(args, f"port_{f.name}", None) is not None}
+    overrides = {k: getattr(args, k, None) for k in ("bucket", "prefix", "num_cpus", "num_gpus")}
+    return StackConfig.load(args.state_dir, ports=port_overrides, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _config(args)
+        stack = LocalStack(config)
+        if args.command == "up":
+            env_file = stack.up()
+            print(f"\nMLflow UI:      {config.tracking_uri}\nRay dashboard:  {config.dashboard_url}\n"
+                  f"S3 endpoint:    {config.s3_endpoint} (bucket {config.bucket}, prefix {config.prefix})\n"
+                  f"Logs:           {Path(config.state_dir) / 'logs'}\n"
+                  f"For your shell: source {env_file}   (credentials included; the file is private, mode 0600)")
+            return 0
+        if args.command == "down":
+            stack.down()
+            return 0
+        if args.command == "status":
+            rows = stack.status()
+            for r in rows:
+                state = "healthy" if r.healthy else ("UNHEALTHY" if r.running else "stopped")
+                pid = f"pid {r.pid}" if r.pid else ""
+                detail = "" if r.healthy or r.detail == "stopped" else r.detail
+                print(f"{r.name:7s} {state:9s} {pid:10s} {r.url:28s} {detail}".rstrip())
+            return 0 if all(r.healthy for r in rows) else 1
+        if args.command == "demo":
+            print("`demo` is not available yet: it needs the sweep (issue 5, orchestration/sweep.py). "
+                  "Meanwhile: `python -m infra.local up`, then submit jobs with `ray job submit -- python ...`.",
+                  file=sys.stderr)
+            return 2
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
