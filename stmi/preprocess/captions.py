@@ -112,7 +112,13 @@ class ReplyCache:
         self.path = path
         self._lock = threading.Lock()
         self._entries: dict[str, str] = {}
+        self._needs_newline = False
         if path.is_file():
+            with open(path, "rb") as fb:
+                if fb.seek(0, os.SEEK_END) > 0:
+                    fb.seek(-1, os.SEEK_END)
+                    # a line cut short by a crash must not swallow the next record appended after it
+                    self._needs_newline = fb.read(1) != b"\n"
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
                     try:
@@ -136,7 +142,8 @@ class ReplyCache:
             self._entries[key] = reply
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
+                fh.write(("\n" if self._needs_newline else "") + line + "\n")
+                self._needs_newline = False
                 fh.flush()
 
 
