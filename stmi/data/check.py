@@ -42,9 +42,9 @@ class CheckReport:
         lines.append(f"{'split':<8} {'ids':>6} {'images':>8} {'cameras':>8} {'masks':>16} {'captions':>16}")
         for s, st in self.splits.items():
             n = max(st["images"], 1)
-            lines.append(f"{s:<8} {st['ids']:>6} {st['images']:>8} {st['cameras']:>8} "
-                         f"{st['masks']:>8} ({100 * st['masks'] / n:5.1f}%) "
-                         f"{st['captions']:>7} ({100 * st['captions'] / n:5.1f}%)")
+            masks = f"{st['masks']} ({100 * st['masks'] / n:.1f}%)"
+            caps = f"{st['captions']} ({100 * st['captions'] / n:.1f}%)"
+            lines.append(f"{s:<8} {st['ids']:>6} {st['images']:>8} {st['cameras']:>8} {masks:>16} {caps:>16}")
         lines.append("")
         if self.errors:
             lines.append(f"{len(self.errors)} error(s):")
