@@ -370,6 +370,7 @@ def run_captions(
         by_split.setdefault(r.split, []).append(r)
         summary.cached += r.cached
         if r.error:
+            log.warning("no caption for %s: %s", r.path, r.error)
             summary.failures.append((r.path, r.error))
     for split, rs in sorted(by_split.items()):
         captions = [{"item": r.item, "description": r.description} for r in rs if not r.error and r.description]
