@@ -1,0 +1,255 @@
+"""The STMI model: CLIP backbone with SFM, STR, token fusion (CHI), global fusion and BNNeck heads.
+
+Data flow of one forward (SPEC 2, docs/ARCHITECTURE.md)::
+
+    mask --patch_token_mask--> m --perturb (training)--> m'  (one per triplet, shared by modalities and layers)
+    rgb/nir/tir --VisualEncoder(m', camid)--> (B, N+1, D) each: CLS -> g_m, patches -> F_m
+    caption --TextEncoder--> T (B, D)
+    [F_m], T --STR--> H (B, 3(K+1), D) --fusion (chi|concat|mlp|mhsa)--> H'
+    G = [g_RGB; g_NIR; g_TIR] (B, 3, D);  U = CrossAttn(G, H', H') + G
+    G, U (flattened, 3D) and T (D) --BNNeck--> post-BN features, logits; embedding = L2(cat(post-BN G, U))
+
+Ablation switches (paper table 3 / table 4):
+
+- A, baseline: ``use_sfm=False, use_str=False, fusion="concat"``: the modality CLS tokens only. There is no
+  token interaction and no global fusion (U would equal G), so the output has ``G`` (and ``T`` when
+  ``use_text``) only, and the retrieval feature is the concatenated post-BN CLS tokens, as the paper's
+  baseline "retrieval on concatenated class tokens".
+- B, +SFM: ``use_sfm=True`` with the same ``use_str=False, fusion="concat"``.
+- C, +SFM+STR: ``use_str=True, fusion="concat"``: the STR tokens are used as they are (H' = H) by the global
+  fusion, so ``U`` exists.
+- D, full: ``use_str=True, fusion="chi"``. Table 4 B/C: ``fusion="mlp" | "mhsa"``.
+- ``use_str=False`` with a non-concat fusion: the fusion runs over the CLS tokens (+ T as a fourth node when
+  ``use_text``) and U = CrossAttn(G, H', H') + G.
+- ``use_global_fusion=False``: U = G, so U is dropped like in the baseline; STR and the token fusion would then
+  reach no loss and are not built (unused parameters would also break DDP).
+
+Whenever ``U`` is absent, ``retrieval_feature`` ``U`` or ``GU`` falls back to ``G`` (for ``GU`` this ranks
+identically to the L2-normalised ``[G; G]``).
+
+Text: with ``use_text`` the caption feature T is appended to the STR queries and supervised; ``text=None``
+means empty captions (SPEC 2: a triplet without a caption uses the empty caption). Camera: ``camid=None``
+runs without the SIE term. Masks: samples with ``has_mask=False`` (or no mask at all) get plain attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stmi.config import ModelConfig
+from stmi.model.backbone import build_backbones
+from stmi.model.fusion import GlobalFusion, build_token_fusion
+from stmi.model.heads import BNNeck
+from stmi.model.sfm import patch_token_mask, perturb_token_mask
+from stmi.model.str_module import SemanticTokenReallocation
+
+__all__ = ["STMI", "STMIOutput", "build_model"]
+
+NUM_MODALITIES = 3
+
+
+@dataclass
+class STMIOutput:
+    """What one forward returns (features absent in an ablation are absent from the dicts).
+
+    Attributes:
+        feats: ``"G"`` (B, 3D), ``"U"`` (B, 3D), ``"T"`` (B, D) pre-BN features (triplet loss).
+        bn_feats: the same keys after their BNNeck (classifier input, retrieval).
+        logits: classifier logits per key; only in training mode and with ``num_classes > 0``.
+        embedding: (B, E) L2-normalised retrieval feature (``ModelConfig.retrieval_feature``).
+    """
+
+    feats: dict[str, torch.Tensor]
+    bn_feats: dict[str, torch.Tensor]
+    embedding: torch.Tensor
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class STMI(nn.Module):
+    """Segmentation-guided token modulation + cross-modal hypergraph interaction (see the module docstring).
+
+    Build it with :func:`build_model`. Everything is created on the CPU; move it with ``.to(device)``.
+    """
+
+    def __init__(self, cfg: ModelConfig, visual: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = visual
+        first = visual[0] if isinstance(visual, nn.ModuleList) else visual
+        self.patch_size = first.patch_size
+        self.dim = int(first.output_dim)
+        self.use_text = cfg.use_text
+        # The text tower is a submodule only when used: unused parameters would break DDP and bloat checkpoints.
+        # The tokenizer needs only the context length, so captions can be tokenised either way.
+        self.text = text if cfg.use_text else None
+        self.context_length = int(text.context_length)
+        self._tokenizer: open_clip.SimpleTokenizer | None = None
+
+        self.has_u = cfg.use_global_fusion and not (not cfg.use_str and cfg.fusion == "concat")
+        self.str_module: SemanticTokenReallocation | None = None
+        self.token_fusion: nn.Module | None = None
+        self.global_fusion: GlobalFusion | None = None
+        if self.has_u:
+            if cfg.use_str:
+                self.str_module = SemanticTokenReallocation(self.dim, cfg.K, cfg.str_heads, cfg.str_share_weights)
+                num_nodes = NUM_MODALITIES * self.str_module.tokens_per_modality(cfg.use_text)
+            else:
+                num_nodes = NUM_MODALITIES + int(cfg.use_text)
+            self.token_fusion = build_token_fusion(cfg.fusion, num_nodes, self.dim, cfg.str_heads, cfg.tau,
+                                                   cfg.chi_layers)
+            self.global_fusion = GlobalFusion(self.dim, cfg.str_heads)
+
+        feat_dims = {"G": NUM_MODALITIES * self.dim}
+        if self.has_u:
+            feat_dims["U"] = NUM_MODALITIES * self.dim
+        if cfg.use_text:
+            feat_dims["T"] = self.dim
+        self.feat_dims = feat_dims
+        self.heads = nn.ModuleDict({k: BNNeck(d, cfg.num_classes) for k, d in feat_dims.items()})
+        wanted = {"G": ["G"], "U": ["U"], "GU": ["G", "U"]}[cfg.retrieval_feature]
+        self.retrieval_keys: list[str] = [k for k in wanted if k in feat_dims] or ["G"]
+
+    @property
+    def embedding_dim(self) -> int:
+        """E, the width of :meth:`embed`'s output."""
+        return sum(self.feat_dims[k] for k in self.retrieval_keys)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Caption token ids ``(len(captions), context_length)`` for the ``text`` argument."""
+        if self.text is not None:
+            return self.text.tokenize(list(captions))
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        return self._tokenizer(list(captions))
+
+    def _token_mask(
+        self, mask: torch.Tensor | None, has_mask: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-triplet token mask (perturbed in training) and the per-sample SFM switch, or (None, None)."""
+        if not self.cfg.use_sfm or mask is None:
+            return None, None
+        if mask.shape[0] != batch:
+            raise ValueError(f"mask has batch size {mask.shape[0]} but the images have {batch}")
+        tm = patch_token_mask(mask, self.patch_size, self.cfg.mask_patch_threshold)
+        if self.training and self.cfg.p > 0:
+            tm = perturb_token_mask(tm, self.cfg.p)
+        active = torch.ones(batch, dtype=torch.bool, device=mask.device) if has_mask is None else has_mask.bool()
+        if not bool(active.any()):
+            return None, None
+        return tm, active
+
+    def _encode_images(
+        self, images: list[torch.Tensor], tm: torch.Tensor | None, active: torch.Tensor | None,
+        camid: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
+        """(B, N+1, D) tokens per modality; a shared encoder runs the three modalities as one batch of 3B."""
+        if isinstance(self.visual, nn.ModuleList):
+            return [enc(x, tm, camid, active) for enc, x in zip(self.visual, images)]
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat(NUM_MODALITIES, *([1] * (t.dim() - 1)))
+
+        out = self.visual(torch.cat(images, dim=0), rep(tm), rep(camid), rep(active))
+        return list(out.chunk(NUM_MODALITIES, dim=0))
+
+    def forward(
+        self,
+        rgb: torch.Tensor,
+        nir: torch.Tensor,
+        tir: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        camid: torch.Tensor | None = None,
+    ) -> STMIOutput:
+        """Features, post-BN features, logits (training) and the retrieval embedding.
+
+        Args:
+            rgb, nir, tir: (B, 3, H, W) CLIP-normalised images.
+            mask: (B, 1, H, W) foreground mask in [0, 1], one per triplet, or None.
+            has_mask: (B,) bool; None with a mask means every sample has one.
+            text: (B, context_length) ids from :meth:`tokenize`, or None for empty captions.
+            camid: (B,) 0-based camera ids, or None (no SIE term).
+        """
+        b = rgb.shape[0]
+        tm, active = self._token_mask(mask, has_mask, b)
+        tokens = self._encode_images([rgb, nir, tir], tm, active, camid)
+        g = torch.stack([t[:, 0] for t in tokens], dim=1)  # (B, 3, D)
+
+        t_feat = None
+        if self.text is not None:
+            if text is None:
+                text = self.tokenize([""] * b).to(rgb.device)
+            t_feat = self.text(text)
+
+        feats: dict[str, torch.Tensor] = {"G": g.flatten(1)}
+        if self.has_u:
+            if self.str_module is not None:
+                h = self.str_module([t[:, 1:] for t in tokens], t_feat)
+            else:
+                h = g if t_feat is None else torch.cat([g, t_feat.unsqueeze(1).to(g.dtype)], dim=1)
+            u = self.global_fusion(g, self.token_fusion(h))
+            feats["U"] = u.flatten(1)
+        if t_feat is not None:
+            feats["T"] = t_feat
+
+        bn_feats: dict[str, torch.Tensor] = {}
+        logits: dict[str, torch.Tensor] = {}
+        for k, f in feats.items():
+            bn_feats[k], lg = self.heads[k](f)
+            if lg is not None:
+                logits[k] = lg
+        emb = F.normalize(torch.cat([bn_feats[k] for k in self.retrieval_keys], dim=1), dim=1)
+        return STMIOutput(feats=feats, bn_feats=bn_feats, embedding=emb, logits=logits)
+
+    def embed(
+        self,
+        rgb: torch.Tensor,
+        nir: torch.Tensor,
+        tir: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        camid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, embedding_dim) unit-norm retrieval embedding, in eval mode and without gradients.
+
+        The previous train/eval mode is restored afterwards, so an evaluation in the middle of training does
+        not leave the model in eval mode.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.forward(rgb, nir, tir, mask=mask, has_mask=has_mask, text=text, camid=camid).embedding
+        finally:
+            self.train(was_training)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"clip": CLIP tower weights, "head": everything new}`` for per-group learning rates.
+
+        "clip" is what a CLIP checkpoint holds (the visual and text towers); "head" holds the SFM alpha/beta and
+        the SIE camera table (new parameters that live inside the visual encoder), STR, the token fusion, the
+        global fusion and the BNNecks. Frozen parameters (the BN biases) are left out. Every trainable parameter
+        is in exactly one group.
+        """
+        encoders = list(self.visual) if isinstance(self.visual, nn.ModuleList) else [self.visual]
+        clip_ids = {id(p) for enc in encoders for p in enc.clip_parameters()}
+        if self.text is not None:
+            clip_ids |= {id(p) for p in self.text.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"clip": [], "head": []}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups["clip" if id(p) in clip_ids else "head"].append(p)
+        return groups
+
+
+def build_model(cfg: ModelConfig) -> STMI:
+    """Build STMI from ``cfg`` on the CPU (CLIP weights from ``cfg.pretrained`` when set)."""
+    visual, text = build_backbones(cfg)
+    return STMI(cfg, visual, text)
