@@ -73,8 +73,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-            start_epoch = restore_state(state, core, optimizer, scheduler) + 1
-            history, best = state["history"], state["best"]
+            start_epoch = restore_state(state, core, optimizer, scheduler, generator=loaders.train.generator)
+            history, best = state["extra"]["history"], state["extra"]["best"]
             if (Path(d) / BEST_FILE).exists():
                 best_weights = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
         log.info("rank %d resumed from %s at epoch %d", rank, checkpoint.path, start_epoch)
@@ -90,10 +90,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     val_loaders = (loaders.val_query, loaders.val_gallery) if loaders.val_query is not None else None
     amp = cfg.optim.amp and device.type == "cuda"
+    if tracker is not None and checkpoint is None:
+        tracker.set_tags({"stmi.missing_captions": loaders.missing_captions,
+                          "stmi.selects_on_test": loaders.selects_on_test})
+        if val_loaders is not None:  # the reference point "well above the untrained model" is measured against
+            val0 = evaluate(core, *val_loaders, device, use_scenes=loaders.uses_scenes)
+            tracker.log_metrics({"untrained_val_mAP": val0["mAP"], "untrained_val_R1": val0["R1"]})
+    if tracker is not None and checkpoint is not None:
+        tracker.set_tags({"stmi.resumed_from_epoch": start_epoch - 1})
     epochs = cfg.optim.epochs
     try:
         for epoch in range(start_epoch, epochs):
-            _set_epoch(loaders.train, epoch)
+            loaders.train_sampler.set_epoch(epoch)
             stats = train_one_epoch(model, loaders.train, optimizer, scheduler, cfg.loss, device, epoch, amp=amp,
                                     progress=rank == 0 and sys.stderr.isatty())
             metrics: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
@@ -114,9 +122,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    state = checkpoint_state(core, optimizer, scheduler, sampler_epoch=epoch + 1, epoch=epoch,
-                                             cfg=to_dict(cfg))
-                    state.update(history=history, best=best)
+                    state = checkpoint_state(core, optimizer, scheduler, sampler_epoch=epoch + 1, epoch=epoch, cfg=cfg,
+                                             generator=loaders.train.generator,
+                                             extra={"history": history, "best": best})
                     torch.save(state, Path(tmp) / STATE_FILE)
                     if best_weights is not None:
                         torch.save(best_weights, Path(tmp) / BEST_FILE)
@@ -131,17 +139,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tracker.stop_system_metrics()
 
 
-def _set_epoch(loader: Any, epoch: int) -> None:
-    for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
-        if hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-            return
-
-
 def _tokenizer(cfg: STMIConfig) -> Any:
-    from stmi.model.backbone import get_tokenizer
+    """The CLIP tokenizer at the text tower's context length (the loaders tokenise captions in their workers)."""
+    import open_clip
 
-    return get_tokenizer(cfg.model)
+    from stmi.model import backbone  # noqa: F401 - registers stmi-tiny
+
+    text_cfg = (open_clip.get_model_config(cfg.model.clip_model) or {}).get("text_cfg", {})
+    return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
 def _rank0_tracker(config: dict[str, Any], rank: int) -> Any:
@@ -184,7 +189,7 @@ def _log_run_artifacts(tracker: Any, res: dict[str, Any], loaders: Any, cfg: STM
             tracker.log_artifact(Path(tmp) / "cmc_curve.png", "plots")
             if res.get("top10") is not None:
                 plots.plot_retrieval(loaders.query_records, loaders.gallery_records, res["top10"],
-                                     Path(tmp) / "retrieval_top10.png", query_indices=res.get("top10_queries"))
+                                     Path(tmp) / "retrieval_top10.png", query_indices=res.get("vis_queries"))
                 tracker.log_artifact(Path(tmp) / "retrieval_top10.png", "plots")
         except Exception as e:  # a plot must not lose the run
             log.warning("plots not logged: %s", e)

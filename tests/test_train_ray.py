@@ -1,0 +1,127 @@
+"""Training on Ray Train with real servers on loopback: DDP, MLflow from rank 0, checkpoints on S3, worker failure.
+
+Each test runs ``python -m orchestration.train`` against the test Ray head (``RAY_ADDRESS``) exactly as a user's
+``ray job submit`` would, then reads MLflow and S3 back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stmi.data.synth import make_synthetic
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic("rgbnt201", tmp_path_factory.mktemp("synth201"), ids=20, seed=3, images_per_id=10)
+
+
+def _train_cmd(name: str, root: Path, epochs: int, workers: int = 2, experiment: str = "stmi-train-test") -> list[str]:
+    return [sys.executable, "-m", "orchestration.train", "--dataset", "rgbnt201", "--data-root", str(root),
+            "--recipe", "demo", "--workers", str(workers), "--cpus-per-worker", "0.9", "--epochs", str(epochs),
+            "--name", name, "--experiment", experiment, "--max-failures", "2"]
+
+
+def _env(ray_cluster) -> dict[str, str]:
+    return {**os.environ, **ray_cluster.env, "PYTHONUNBUFFERED": "1"}
+
+
+def _run_for(client, experiment: str, name: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`stmi.run_key` = 'train/{name}'")
+    assert len(runs) == 1, f"expected exactly one MLflow run for {name}, found {len(runs)}"
+    return runs[0]
+
+
+def test_ddp_training_logs_to_mlflow_and_s3(ray_cluster, mlflow_server, synth_root: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.run(_train_cmd("ddp-ok", synth_root, epochs=4), env=_env(ray_cluster), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = _run_for(client, "stmi-train-test", "ddp-ok")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.clip_model"] == "stmi-tiny" and params["train.world_size"] == "2"
+    assert params["optim.epochs"] == "4" and params["data.dataset"] == "rgbnt201"
+    for metric in ("epoch", "train_loss", "train_G_tri", "train_U_ce", "train_T_ce", "train_lr", "val_mAP", "val_R1"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == [0, 1, 2, 3], (metric, steps)
+    m = run.data.metrics
+    for key in ("test_mAP", "test_R1", "test_R5", "test_R10", "untrained_val_mAP"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["best_val_mAP"] >= m["untrained_val_mAP"] + 0.1, m  # learnt: well above the untrained model
+    assert any(k.startswith("system/") for k in m), "system metrics were not logged"
+
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "plots", "checkpoints"} <= artifacts
+    keys = mlflow_server.s3.list_keys()
+    run_keys = [k for k in keys if run.info.run_id in k]
+    assert any(k.endswith("checkpoints/best.pt") for k in run_keys), run_keys
+    assert any(k.endswith("plots/cmc_curve.png") for k in run_keys)
+    assert any(k.endswith("plots/retrieval_top10.png") for k in run_keys)
+    assert any("/ray/ddp-ok/" in k and k.endswith("state.pt") for k in keys), "no Ray checkpoint in S3"
+    secret = mlflow_server.s3.secret_key
+    assert secret not in str(params) and secret not in str(run.data.tags) and secret not in proc.stdout + proc.stderr
+
+
+def _train_workers(temp_dir: Path) -> list[psutil.Process]:
+    """The RayTrainWorker processes of the test cluster (not of any other Ray on the machine)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "RayTrainWorker" not in cmd:
+                continue
+            if any(str(temp_dir) in " ".join(a.cmdline()) for a in p.parents() if "raylet" in " ".join(a.cmdline())):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def test_killed_worker_resumes_from_checkpoint_without_duplicate_or_missing_epochs(
+        ray_cluster, mlflow_server, synth_root: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    epochs = 6
+    proc = subprocess.Popen(_train_cmd("ddp-kill", synth_root, epochs=epochs), env=_env(ray_cluster), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(mlflow_server.tracking_uri)
+    killed = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and killed is None and proc.poll() is None:
+            time.sleep(1)
+            exp = client.get_experiment_by_name("stmi-train-test")
+            runs = client.search_runs([exp.experiment_id], "tags.`stmi.run_key` = 'train/ddp-kill'") if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "epoch")) >= 2:
+                workers = _train_workers(ray_cluster.temp_dir)
+                assert workers, "no RayTrainWorker process found to kill"
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        assert killed is not None, "the run never reached epoch 2"
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    run = _run_for(client, "stmi-train-test", "ddp-kill")
+    assert run.info.status == "FINISHED"
+    assert "stmi.resumed_from_epoch" in run.data.tags, "the run did not restart from a checkpoint"
+    for metric in ("epoch", "train_loss", "val_mAP"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == list(range(epochs)), (metric, steps)  # no duplicate, no missing step
+    assert "test_mAP" in run.data.metrics
