@@ -89,7 +89,9 @@ class _SFMAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, m: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, q: Tensor, k: Tensor, v: Tensor, m: Tensor, alpha: Tensor, beta: Tensor
+    ) -> Tensor:
         bsz, heads, length, dim = q.shape
         scale = 1.0 / math.sqrt(dim)
         probs = q.new_empty(bsz, heads, length, length)
