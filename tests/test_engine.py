@@ -1,0 +1,225 @@
+"""stmi.engine and stmi.recipes: schedule values, optimiser groups, exact checkpoint round-trips, and a demo run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stmi.config import ModelConfig, OptimConfig, STMIConfig, apply_overrides, from_dict
+from stmi.engine import (build_optimizer, build_scheduler, checkpoint_state, restore_state, seed_everything,
+                         train_one_epoch)
+from stmi.recipes import RECIPES, recipe
+
+
+def lrs_over(cfg: OptimConfig, steps_per_epoch: int, n: int, model: nn.Module | None = None) -> list[list[float]]:
+    """The lr of every param group at iterations 0..n-1 (stepping optimiser then scheduler, as the engine)."""
+    model = model or nn.Linear(3, 2)
+    opt = build_optimizer(model, cfg)
+    sch = build_scheduler(opt, cfg, steps_per_epoch)
+    out = []
+    for _ in range(n):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sch.step()
+    return out
+
+
+def test_scheduler_warmup_then_cosine_to_min_lr():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_epochs=2, warmup_factor=0.1, epochs=10)
+    lr = [v[0] for v in lrs_over(cfg, steps_per_epoch=5, n=56)]
+    assert lr[0] == pytest.approx(1e-4)  # start: warmup_factor * lr
+    assert lr[5] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way through warmup (linear)
+    assert lr[10] == pytest.approx(1e-3)  # end of warmup: the peak
+    assert lr[30] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way through the cosine
+    assert lr[50] == pytest.approx(1e-5)  # end: min_lr
+    assert lr[55] == pytest.approx(1e-5)  # and it stays there
+    assert all(a <= b + 1e-15 for a, b in zip(lr[:10], lr[1:11]))  # warmup increases
+    assert all(a >= b - 1e-15 for a, b in zip(lr[10:50], lr[11:51]))  # cosine decreases
+
+
+def test_scheduler_without_warmup_starts_at_lr():
+    cfg = OptimConfig(lr=2e-4, min_lr=2e-6, warmup_epochs=0, epochs=4)
+    lr = [v[0] for v in lrs_over(cfg, steps_per_epoch=1, n=5)]
+    assert lr[0] == pytest.approx(2e-4)
+    assert lr[2] == pytest.approx(2e-6 + (2e-4 - 2e-6) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr[4] == pytest.approx(2e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> nn.Module:
+    from stmi.model.stmi import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(clip_model="stmi-tiny", image_size=(64, 32), num_classes=5, num_cameras=3,
+                                   sfm_sharing="head", K=2))
+
+
+def test_optimizer_groups_lrs_and_weight_decay(tiny_model):
+    cfg = OptimConfig(lr=1e-4, head_lr_mult=10.0, weight_decay=0.05, min_lr=1e-6, warmup_epochs=1, epochs=3)
+    opt = build_optimizer(tiny_model, cfg)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"clip", "clip_no_decay", "head", "head_no_decay"}
+    assert by_name["clip"]["lr"] == by_name["clip_no_decay"]["lr"] == pytest.approx(1e-4)
+    assert by_name["head"]["lr"] == by_name["head_no_decay"]["lr"] == pytest.approx(1e-3)
+    assert by_name["clip"]["weight_decay"] == by_name["head"]["weight_decay"] == 0.05
+    assert by_name["clip_no_decay"]["weight_decay"] == by_name["head_no_decay"]["weight_decay"] == 0.0
+
+    name_of = {id(p): n for n, p in tiny_model.named_parameters()}
+    group_of = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
+    trainable = [p for p in tiny_model.parameters() if p.requires_grad]
+    assert len(group_of) == sum(len(g["params"]) for g in opt.param_groups) == len(trainable)  # each exactly once
+    families = tiny_model.parameter_groups()
+    for fam, params in families.items():
+        assert all(group_of[id(p)].startswith(fam) for p in params)
+    for pid, gname in group_of.items():
+        name, p = name_of[pid], dict(tiny_model.named_parameters())[name_of[pid]]
+        if "sfm_alpha" in name or "sfm_beta" in name or name.endswith(".bias") or p.ndim < 2:
+            assert gname.endswith("no_decay"), name
+        else:
+            assert not gname.endswith("no_decay"), name
+    # alpha/beta are 2-D with per-head sharing, and still undecayed
+    ab = [n for n in name_of.values() if "sfm_alpha" in n]
+    assert ab and dict(tiny_model.named_parameters())[ab[0]].ndim == 2
+    # the head family follows the schedule with the same shape, ending at min_lr * head_lr_mult
+    lr = lrs_over(cfg, steps_per_epoch=2, n=7, model=tiny_model)
+    names = [g["name"] for g in opt.param_groups]
+    head = names.index("head")
+    assert lr[0][head] == pytest.approx(1e-3 * cfg.warmup_factor)
+    assert lr[6][head] == pytest.approx(1e-5)
+
+
+def _train_steps(model, opt, sch, n):
+    for _ in range(n):
+        x = torch.randn(8, 6)
+        y = torch.from_numpy(np.random.randint(0, 3, 8))
+        drop = random.random() < 0.5
+        loss = nn.functional.cross_entropy(nn.functional.dropout(model(x), 0.3, training=drop), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sch.step()
+
+
+def _fresh(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    cfg = OptimConfig(lr=1e-2, min_lr=1e-4, warmup_epochs=1, epochs=4)
+    opt = build_optimizer(model, cfg)
+    return model, opt, build_scheduler(opt, cfg, steps_per_epoch=3)
+
+
+def test_checkpoint_round_trip_continues_exactly(tmp_path):
+    cfg = apply_overrides(STMIConfig(), {"optim.lr": 1e-2, "model.K": 3})
+    # Uninterrupted run: 6 steps.
+    seed_everything(123)
+    m_a, o_a, s_a = _fresh()
+    _train_steps(m_a, o_a, s_a, 6)
+
+    # Interrupted run: 3 steps, checkpoint (through a file, loaded weights_only), scramble everything, restore.
+    seed_everything(123)
+    m_b, o_b, s_b = _fresh()
+    _train_steps(m_b, o_b, s_b, 3)
+    gen = torch.Generator().manual_seed(7)
+    gen_next = torch.rand(1, generator=torch.Generator().set_state(gen.get_state()))
+    torch.save(checkpoint_state(m_b, o_b, s_b, sampler_epoch=2, epoch=1, cfg=cfg, generator=gen,
+                                extra={"best": 0.5}), tmp_path / "ck.pt")
+    expected_draws = (torch.rand(3), np.random.rand(3), random.random())
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+
+    seed_everything(999)
+    _ = torch.rand(10), np.random.rand(10), [random.random() for _ in range(5)]
+    gen.manual_seed(1234)
+    m_c, o_c, s_c = _fresh(seed=5)  # different initial weights
+    next_epoch = restore_state(state, m_c, o_c, s_c, generator=gen)
+    assert next_epoch == 2 and state["sampler_epoch"] == 2 and state["extra"] == {"best": 0.5}
+    assert from_dict(state["config"]) == cfg
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], expected_draws[0])
+    np.testing.assert_array_equal(draws[1], expected_draws[1])
+    assert draws[2] == expected_draws[2]
+    assert torch.equal(torch.rand(1, generator=gen), gen_next)
+    for a, b in zip(o_b.state_dict()["state"].values(), o_c.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert s_c.last_epoch == 3 and [g["lr"] for g in o_c.param_groups] == [g["lr"] for g in o_b.param_groups]
+
+    # Continuing from the restored state (with the RNG rewound to the checkpoint) reproduces the uninterrupted run.
+    restore_state(state, m_c, o_c, s_c)
+    _train_steps(m_c, o_c, s_c, 3)
+    for pa, pc in zip(m_a.parameters(), m_c.parameters()):
+        assert torch.equal(pa, pc)
+
+
+def test_restore_rejects_foreign_state():
+    model, opt, sch = _fresh()
+    with pytest.raises(ValueError, match="not an STMI checkpoint"):
+        restore_state({"model": model.state_dict()}, model)
+    state = checkpoint_state(model, opt, sch, 1, 0, STMIConfig())
+    other = nn.Linear(6, 3)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        restore_state(state, other)
+
+
+@pytest.mark.parametrize("dataset", ["rgbnt201", "rgbnt100", "msvr310"])
+def test_recipes(dataset):
+    p = recipe("paper", dataset)
+    assert p.recipe == "paper" and p.data.dataset == dataset
+    assert (p.model.clip_model, p.model.pretrained) == ("ViT-B-16", "openai")
+    assert p.model.image_size == ((256, 128) if dataset == "rgbnt201" else (128, 256))
+    assert (p.data.batch_size, p.data.num_instances) == {"rgbnt201": (72, 8), "msvr310": (64, 8),
+                                                         "rgbnt100": (128, 16)}[dataset]
+    assert (p.optim.lr, p.optim.min_lr, p.optim.seed, p.optim.epochs) == (3.5e-6, 3.5e-7, 1111, 50)
+    assert p.model.use_sie and p.model.num_cameras > 0
+    d = recipe("demo", dataset)
+    assert d.model.clip_model == "stmi-tiny" and d.model.pretrained is None
+    h, w = d.model.image_size
+    assert (h > w) == (dataset == "rgbnt201") and h % 16 == 0 and w % 16 == 0
+    assert d.data.batch_size % d.data.num_instances == 0 and d.data.num_workers == 0
+    assert d.optim.lr > 10 * p.optim.lr and d.optim.head_lr_mult > 1
+    assert set(RECIPES) == {"paper", "demo"}
+
+
+def test_recipe_errors_name_the_choices():
+    with pytest.raises(ValueError, match="paper, demo"):
+        recipe("fancy", "rgbnt201")
+    with pytest.raises(ValueError, match="rgbnt201, rgbnt100, msvr310"):
+        recipe("paper", "market1501")
+
+
+@pytest.mark.timeout(600)
+def test_demo_recipe_learns_on_synthetic_rgbnt201(tmp_path):
+    """End to end: demo recipe, synthetic RGBNT201, 2 epochs -> validation mAP well above the untrained model's."""
+    from stmi.data.loaders import build_loaders
+    from stmi.data.synth import make_synthetic
+    from stmi.eval import evaluate
+    from stmi.model.stmi import build_model
+
+    root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0)
+    cfg = apply_overrides(recipe("demo", "rgbnt201"), {"data.root": str(root), "optim.epochs": 2})
+    seed_everything(cfg.optim.seed)
+    tokenizer = build_model(dataclasses.replace(cfg.model, num_classes=0)).tokenize
+    loaders = build_loaders(cfg, tokenizer)
+    assert loaders.val_query is not None and loaders.num_classes >= cfg.data.batch_size // cfg.data.num_instances
+    cfg = apply_overrides(cfg, {"model.num_classes": loaders.num_classes, "model.num_cameras": loaders.num_cameras})
+    seed_everything(cfg.optim.seed)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    sch = build_scheduler(opt, cfg.optim, len(loaders.train))
+    before = evaluate(model, loaders.val_query, loaders.val_gallery, "cpu")
+    stats = []
+    for epoch in range(cfg.optim.epochs):
+        stats.append(train_one_epoch(model, loaders.train, opt, sch, cfg.loss, "cpu", epoch, progress=False))
+        assert loaders.train_sampler.epoch == epoch
+    after = evaluate(model, loaders.val_query, loaders.val_gallery, "cpu")
+    assert {"loss", "G_ce", "G_tri", "U_ce", "U_tri", "T_ce", "T_tri", "lr", "lr_head", "triplets_per_s"} <= set(
+        stats[0])
+    assert stats[0]["steps"] == len(loaders.train) and stats[0]["triplets"] == len(loaders.train) * 16
+    assert stats[-1]["loss"] < stats[0]["loss"]
+    assert stats[0]["lr_head"] == pytest.approx(stats[0]["lr"] * cfg.optim.head_lr_mult)
+    assert sch.last_epoch == 2 * len(loaders.train)
+    assert after["mAP"] > before["mAP"] + 0.1, (before["mAP"], after["mAP"])
