@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,7 +30,11 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     a = np.asarray(img, dtype=np.uint8)
     if a.ndim == 2:
         a = a[:, :, None]
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 255.0)
+
+
+_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(1, 1, 3)
+_STD = np.asarray(CLIP_STD, dtype=np.float32).reshape(1, 1, 3)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +44,12 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
-                 area: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
-    """timm's ``RandomErasing(mode="pixel", max_count=1)``: with probability ``p`` a random box gets N(0, 1) noise."""
+def erase_box(h: int, w: int, p: float, generator: torch.Generator | None = None,
+              area: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 1 / 0.3)
+              ) -> tuple[int, int, int, int] | None:
+    """timm's ``RandomErasing(mode="pixel", max_count=1)`` box: with probability ``p`` (top, left, height, width)."""
     if p <= 0 or torch.rand((), generator=generator).item() >= p:
-        return x
-    _, h, w = x.shape
+        return None
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         a = h * w * (area[0] + (area[1] - area[0]) * torch.rand((), generator=generator).item())
@@ -55,14 +58,15 @@ def random_erase(x: torch.Tensor, p: float, generator: torch.Generator | None = 
         if 0 < eh < h and 0 < ew < w:
             top = int(torch.randint(0, h - eh + 1, (), generator=generator))
             left = int(torch.randint(0, w - ew + 1, (), generator=generator))
-            x = x.clone()
-            x[:, top:top + eh, left:left + ew] = torch.randn((x.shape[0], eh, ew), generator=generator, dtype=x.dtype)
-            return x
-    return x
+            return top, left, eh, ew
+    return None
 
 
 class PairedTransform:
     """Resize (+ flip, pad + crop, erasing when training) three modality images and their mask together.
+
+    The work is done on uint8 / float32 NumPy arrays (single-threaded by design: a DataLoader runs many of these in
+    parallel, and torch's intra-op threads on small tensors only contend with the training process for cores).
 
     Args:
         image_size: output (H, W), ``cfg.model.image_size``.
@@ -84,20 +88,30 @@ class PairedTransform:
                  generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Return the normalised ``(3, H, W)`` images and the ``(1, H, W)`` mask in {0, 1} (or None)."""
         h, w = self.size
-        parts = [pil_to_tensor(im.convert("RGB").resize((w, h), Image.BICUBIC)) for im in images]
+        parts = [np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC)) for im in images]
         if mask is not None:
-            parts.append((pil_to_tensor(mask.convert("L").resize((w, h), Image.NEAREST)) > 0).float())
-        x = torch.cat(parts, 0)
+            m = np.asarray(mask.convert("L").resize((w, h), Image.NEAREST))
+            parts.append((m > 0).astype(np.uint8)[:, :, None])
+        x = np.concatenate(parts, axis=2)  # (H, W, 3 * n [+ 1]) uint8: one geometry for everything
         if self.train:
             if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
-                x = x.flip(-1)
+                x = x[:, ::-1]
             if self.pad > 0:
-                x = F.pad(x, (self.pad, self.pad, self.pad, self.pad))
-                i = int(torch.randint(0, 2 * self.pad + 1, (), generator=generator))
-                j = int(torch.randint(0, 2 * self.pad + 1, (), generator=generator))
-                x = x[:, i:i + h, j:j + w]
-        out = [normalize(x[3 * k:3 * k + 3]) for k in range(len(images))]
-        if self.train:
-            out = [random_erase(im, self.erasing_p, generator) for im in out]
-        m = x[3 * len(images):].contiguous() if mask is not None else None
-        return out, m
+                p = self.pad
+                i = int(torch.randint(0, 2 * p + 1, (), generator=generator))
+                j = int(torch.randint(0, 2 * p + 1, (), generator=generator))
+                x = np.pad(x, ((p, p), (p, p), (0, 0)))[i:i + h, j:j + w]
+        out = []
+        for k in range(len(images)):
+            im = (x[:, :, 3 * k:3 * k + 3].astype(np.float32) * np.float32(1 / 255) - _MEAN) / _STD
+            im = np.ascontiguousarray(im.transpose(2, 0, 1))
+            box = erase_box(h, w, self.erasing_p, generator) if self.train else None
+            if box is not None:
+                top, left, eh, ew = box
+                noise = torch.randn((3, eh, ew), generator=generator).numpy()
+                im[:, top:top + eh, left:left + ew] = noise
+            out.append(torch.from_numpy(im))
+        mt = None
+        if mask is not None:
+            mt = torch.from_numpy(np.ascontiguousarray(x[:, :, -1:].transpose(2, 0, 1)).astype(np.float32))
+        return out, mt
