@@ -110,7 +110,8 @@ def test_sampler_yields_p_by_k_batches() -> None:
         counts = Counter(PIDS[i] for i in b)
         assert len(counts) == 3 and set(counts.values()) == {4}
     # an id with fewer than K images is sampled with replacement: its 2 images fill a group of 4
-    used_10 = [[i for i in s2 if PIDS[i] == 10] for s2 in (RandomIdentitySampler(PIDS, 12, 4, seed=e) for e in range(5))]
+    samplers = [RandomIdentitySampler(PIDS, 12, 4, seed=e) for e in range(5)]
+    used_10 = [[i for i in s2 if PIDS[i] == 10] for s2 in samplers]
     assert any(used_10)
     assert all(len(u) in (0, 4) and set(u) <= {len(PIDS) - 2, len(PIDS) - 1} for u in used_10)
 
