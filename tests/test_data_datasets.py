@@ -1,7 +1,7 @@
 """Readers of the three layouts, masks, captions, and every bad input of issue 3 (strict reads and ``check``).
 
 The layouts are built here with the real name formats under a root whose own path contains ``_c`` and digits
-(``data_c0001_7``): a parser run on the whole path, as the reference code does, would read the wrong pid/camera.
+(``data_7_c0001_7``: the reference regex run on the whole path reads pid 7, camera 1): a parser run on the whole path, as the reference code does, would read the wrong pid/camera.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def build_msvr310(root: Path) -> Path:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    r = tmp_path / "data_c0001_7"
+    r = tmp_path / "data_7_c0001_7"
     r.mkdir()
     return r
 

@@ -155,7 +155,7 @@ def test_sampler_errors_name_the_fields() -> None:
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth_c0001_9")
+    out = tmp_path_factory.mktemp("synth_9_c0001_9")
     for ds in ("rgbnt201", "msvr310"):
         make_synthetic(ds, out, ids=12, seed=0, images_per_id=6, cameras=3)
     return out

@@ -32,7 +32,7 @@ CHECK_SCHEMA = {
 
 @pytest.mark.parametrize("dataset", ["rgbnt201", "rgbnt100", "msvr310"])
 def test_synth_round_trip_through_check(tmp_path: Path, dataset: str) -> None:
-    root = make_synthetic(dataset, tmp_path / "out_c0002_3", ids=5, seed=1, images_per_id=4, cameras=2)
+    root = make_synthetic(dataset, tmp_path / "out_3_c0002_3", ids=5, seed=1, images_per_id=4, cameras=2)
     report = check_dataset(dataset, root)
     assert report.errors == []
     tr = report.splits["train"]
