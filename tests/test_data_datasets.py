@@ -1,7 +1,8 @@
 """Readers of the three layouts, masks, captions, and every bad input of issue 3 (strict reads and ``check``).
 
 The layouts are built here with the real name formats under a root whose own path contains ``_c`` and digits
-(``data_7_c0001_7``: the reference regex run on the whole path reads pid 7, camera 1): a parser run on the whole path, as the reference code does, would read the wrong pid/camera.
+(``data_7_c0001_7``): the reference regex run on the whole path, as the reference code does, would read pid 7,
+camera 1 from it.
 """
 
 from __future__ import annotations
