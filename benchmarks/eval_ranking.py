@@ -1,9 +1,10 @@
 """Benchmark: ``stmi.eval.evaluate_ranking`` against the reference codebases' evaluator.
 
 The reference (DeMo / IDEA / TOP-ReID ``eval_func``) sorts the whole distance matrix with ``np.argsort`` and then
-loops over queries in Python. It is written out below. Each method runs in its own subprocess so that peak memory is measured without the other's
-allocations: the peak of new NumPy allocations under ``tracemalloc`` (a second, untimed pass) and the growth of
-``ru_maxrss`` over the process's state after the inputs are built; the metrics are returned as JSON and compared exactly.
+loops over queries in Python. It is written out below. Each method runs in its own subprocess so that its peak
+memory is measured without the other's allocations: the peak of new NumPy allocations under ``tracemalloc`` (a
+second, untimed pass) and the growth of ``ru_maxrss`` over the process's state after the inputs are built; the
+metrics are returned as JSON and compared exactly.
 
 Sizes: RGBNT100's real test size (1,715 queries x 8,575 gallery, 50 ids, 8 cameras) and 5,000 x 20,000. The
 distances are random with a shift for matching identities, so the metrics are neither 0 nor 1.

@@ -41,7 +41,10 @@ DEFAULT_CHUNK_ELEMENTS = 2_000_000
 def _to_numpy(x: ArrayLike) -> np.ndarray:
     """numpy view/copy of a numpy array, torch tensor (any device) or sequence."""
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach()
+        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # half / bfloat16 have no NumPy dtype
+        return x.cpu().numpy()
     return np.asarray(x)
 
 
@@ -266,6 +269,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], d
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    embed = getattr(model, "module", model).embed  # a DDP wrapper has no ``embed``
     feats, pids, cams, scenes, index = [], [], [], [], []
     try:
         for batch in loader:
@@ -281,7 +285,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], d
             imgs = [batch[k].to(device, non_blocking=True) for k in _INPUT_KEYS]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                                 enabled=amp and device.type == "cuda"):
-                emb = model.embed(*imgs, **kw)
+                emb = embed(*imgs, **kw)
             feats.append(emb.float().cpu())
             n = emb.shape[0]
             pids.append(np.asarray(batch["pid"]).reshape(n))

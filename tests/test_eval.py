@@ -121,6 +121,8 @@ def test_chunk_sizes_and_input_types_agree():
         assert r["mAP"] == pytest.approx(results[0]["mAP"], abs=1e-9)
         np.testing.assert_array_equal(r["cmc"], results[0]["cmc"])
         assert r["num_valid_queries"] == results[0]["num_valid_queries"]
+    half = evaluate_ranking(torch.from_numpy(d).bfloat16(), qp, gp, qc, gc)  # no NumPy bf16: converted
+    assert 0.0 < half["mAP"] <= 1.0 and half["num_valid_queries"] == results[0]["num_valid_queries"]
     cmc = results[0]["cmc"]
     assert np.all(np.diff(cmc) >= 0) and 0.0 <= cmc[0] and cmc[-1] <= 1.0
 
