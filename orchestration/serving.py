@@ -5,6 +5,15 @@ Request (``POST /invocations``, ``Content-Type: application/json``)::
     {"inputs": [{"rgb": "<base64 JPEG/PNG>", "nir": "<base64>", "tir": "<base64>",
                  "mask": "<base64 PNG, optional>", "caption": "<text, optional>", "camera": 0}]}
 
+From a shell (``base64 -w0`` is GNU coreutils; ``printf`` is a shell builtin, so large images do not hit the
+argument-length limit that ``curl -d "..."`` would)::
+
+    mlflow models serve -m models:/stmi-rgbnt201@champion --env-manager local -h 127.0.0.1 -p 5001
+    printf '{"inputs": [{"rgb": "%s", "nir": "%s", "tir": "%s", "mask": "%s", "caption": "%s", "camera": %d}]}' \
+      "$(base64 -w0 rgb.jpg)" "$(base64 -w0 nir.jpg)" "$(base64 -w0 tir.jpg)" "$(base64 -w0 mask.png)" \
+      "a man with a backpack" 0 > request.json
+    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' --data @request.json
+
 Response: ``{"predictions": [[e_1, ..., e_E], ...]}``, one L2-normalised embedding (``STMI.embed``, length
 ``embedding_dim``) per row, in row order. Fields of a row:
 
@@ -207,7 +216,7 @@ def parse_rows(rows: Any, num_cameras: int) -> list[DecodedRow]:
     if rows is None:
         raise ServingInputError('the request has no rows; send {"inputs": [{"rgb": ..., "nir": ..., "tir": ...}]}')
     if _is_dataframe(rows):
-        rows = [{k: v for k, v in r.items() if not _is_missing(v)} for r in rows.to_dict(orient="records")]
+        rows = [_dataframe_row(r) for r in rows.to_dict(orient="records")]
     if isinstance(rows, dict):
         raise ServingInputError('"inputs" must be a list of rows, got one object; wrap it in a list: '
                                 '{"inputs": [{...}]}')
@@ -269,6 +278,16 @@ def _type_name(value: Any) -> str:
 
 def _is_dataframe(value: Any) -> bool:
     return type(value).__name__ == "DataFrame" and hasattr(value, "to_dict")
+
+
+def _dataframe_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A DataFrame record as a JSON row: NaN cells are absent fields, and ``camera`` is back to an int (pandas makes
+    a column with missing cameras float)."""
+    row = {k: v for k, v in record.items() if not _is_missing(v)}
+    cam = row.get("camera")
+    if isinstance(cam, float) and cam.is_integer():
+        row["camera"] = int(cam)
+    return row
 
 
 def _is_missing(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Serving the STMI pyfunc: request validation in-process, and the real ``mlflow models serve`` of a registered champion.
+"""Serving the STMI pyfunc: row validation in-process, and the real `mlflow models serve` of a registered champion.
 
 The integration test logs a tiny model's checkpoint through a real MLflow server (S3 artifacts), registers it as
 ``stmi-testds@champion``, serves it with the real CLI, and checks that the served embedding equals ``STMI.embed``
@@ -145,6 +145,17 @@ def test_truncated_png_and_bad_containers() -> None:
             parse_rows(rows, NUM_CAMERAS)
     with pytest.raises(ServingInputError, match="without camera ids"):
         parse_rows([{**_good_rows()[1], "camera": 0}], 0)
+
+
+def test_dataframe_rows_for_in_process_pyfunc_users() -> None:
+    """``pyfunc.load_model(...).predict(DataFrame)``: NaN cells are absent fields, float cameras become ints."""
+    import pandas as pd
+
+    good = _good_rows()
+    rows = parse_rows(pd.DataFrame(good), NUM_CAMERAS)
+    assert [r.camera for r in rows] == [1, None] and rows[1].mask is None and rows[1].caption == ""
+    with pytest.raises(ServingInputError, match="'camera' must be an integer"):
+        parse_rows(pd.DataFrame([{**good[0], "camera": 0.5}]), NUM_CAMERAS)
 
 
 def test_error_message_survives_the_scoring_server_rewrite() -> None:
@@ -299,6 +310,7 @@ def test_mlflow_models_serve_registered_champion(mlflow_server: Any, platform_en
         status, body, text = _post(f"{base}/invocations", json.dumps({"inputs": rows[1:]}))
         assert status == 200, text
         torch.testing.assert_close(torch.tensor(body["predictions"][0]), expected[1], atol=1e-5, rtol=0)
+        assert "Traceback" not in log_path.read_text(errors="replace"), "the server logged an unhandled error"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
