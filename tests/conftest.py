@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from infra.local.stack import REPO_ROOT, MlflowServer as _MlflowService, Ports, RayHead, SeaweedS3, StackConfig
+from infra.local.stack import REPO_ROOT, Ports, RayHead, SeaweedS3, StackConfig
+from infra.local.stack import MlflowServer as _MlflowService
 
 #: CPUs the test Ray head advertises (logical: two DDP workers plus a trial driver fit).
 TEST_RAY_CPUS = 4
@@ -111,14 +113,16 @@ class RayCluster:
         env = {**os.environ, **self.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", self.dashboard_url,
                *extra_args, "--", *entrypoint]
-        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              check=False)
 
 
 @pytest.fixture(scope="session")
 def stack_config(tmp_path_factory: pytest.TempPathFactory) -> StackConfig:
     """One state dir and one set of free ports shared by the session's servers."""
-    return StackConfig(state_dir=tmp_path_factory.mktemp("stack"), ports=Ports.free(), num_cpus=TEST_RAY_CPUS,
-                       object_store_memory=TEST_OBJECT_STORE_BYTES)
+    state = tmp_path_factory.mktemp("stack")
+    return StackConfig(state_dir=state, ports=Ports.free(), num_cpus=TEST_RAY_CPUS,
+                       object_store_memory=TEST_OBJECT_STORE_BYTES, ray_token_file=state / "ray_auth_token")
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = REPO_ROOT / ".stmi"
@@ -384,7 +385,8 @@ def _runs_program(pid: int, program: str) -> bool:
     try:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        words = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout.split()
+        ps = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False)
+        words = ps.stdout.split()
     return any(Path(w).name == program for w in words if w)
 
 
@@ -679,7 +681,7 @@ class SeaweedS3(Service):
         try:
             self.boto3_client().list_buckets()
             return None
-        except Exception as e:  # connection refused, auth failure, ...: all mean "not usable"
+        except Exception as e:  # noqa: BLE001 - refused, auth failure, bad XML...: all mean "not usable"
             return f"S3 ListBuckets at {self.url} failed: {type(e).__name__}: {e}"
 
     def after_start(self) -> None:
