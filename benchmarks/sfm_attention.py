@@ -74,14 +74,19 @@ def step(fn: Callable[[Inputs], torch.Tensor], x: Inputs, grad: torch.Tensor) ->
     fn(x).backward(grad)
 
 
-def time_it(fn: Callable[[Inputs], torch.Tensor], x: Inputs, grad: torch.Tensor, reps: int) -> float:
-    step(fn, x, grad)  # warm-up
-    times = []
+def time_all(fns: dict[str, Callable[[Inputs], torch.Tensor]], x: Inputs, grad: torch.Tensor,
+             reps: int) -> dict[str, float]:
+    """Median forward+backward seconds per variant; repetitions are interleaved across the variants so a change
+    in machine load (shared CPUs) hits every variant alike instead of skewing the ratios."""
+    for fn in fns.values():
+        step(fn, x, grad)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        step(fn, x, grad)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            step(fn, x, grad)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def saved_tensors(fn: Callable[[Inputs], torch.Tensor], x: Inputs) -> tuple[int, int]:
@@ -135,7 +140,7 @@ def peak_memory(fn: Callable[[Inputs], torch.Tensor], x: Inputs, grad: torch.Ten
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (B=4, H=4, L=33, d=32) for a smoke run")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions; the median is reported")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions; the median is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -145,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     grad = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(1))
     print(f"SFM attention benchmark: B={b} H={h} L={n} d={d}, forward+backward on CPU, "
           f"{torch.get_num_threads()} threads, median of {args.reps}")
+    fns = variants()
+    secs = time_all(fns, x, grad, args.reps)
     rows = {}
-    for name, fn in variants().items():
-        sec = time_it(fn, x, grad, args.reps)
+    for name, fn in fns.items():
+        sec = secs[name]
         saved, big = saved_tensors(fn, x)
         peak = peak_memory(fn, x, grad)
         rows[name] = (sec, saved, big, peak)

@@ -85,7 +85,8 @@ class _SFMAttention(torch.autograd.Function):
     """softmax((A + S) / sqrt(d)) @ v with a hand-written backward that saves only the probabilities.
 
     Forward and backward run over batch chunks so the transient (b, H, L, L) buffers (logits, the gradient of the
-    probabilities) exist for one chunk at a time; only the full probability tensor lives between the passes.
+    probabilities) exist for one chunk at a time; only the full probability tensor lives between the passes. The
+    logits of a chunk are recomputed in backward (one ``q k^T`` product) instead of being kept.
     """
 
     @staticmethod
@@ -99,26 +100,18 @@ class _SFMAttention(torch.autograd.Function):
         stats = q.new_empty(2, bsz, heads, length, 1)
         idx = torch.empty(2, bsz, heads, length, 1, dtype=torch.long, device=q.device)
         for sl in _chunks(bsz, heads, length):
-            qc, kc, vc, mc = q[sl], k[sl], v[sl], m[sl]
             a4 = _rows(alpha, sl)[:, :, None, None]
             b4 = _rows(beta, sl)[:, :, None, None]
-            nb = qc.shape[0]
-            m_row = mc.view(nb, 1, length, 1)
-            logits = torch.matmul(qc, kc.transpose(-2, -1))
+            m_col = m[sl][:, None, None, :]
+            logits = torch.matmul(q[sl], k[sl].transpose(-2, -1))
             rowmax, idx_max = logits.max(dim=-1, keepdim=True)
             rowmin, idx_min = logits.min(dim=-1, keepdim=True)
-            # (A + S)/sqrt(d) up to the row constant beta*rowmin_i/sqrt(d), as one product of augmented operands,
-            # written into the logits' storage.
-            c0 = (1.0 - b4) * scale
-            u = (b4 - a4) * scale * m_row
-            w = m_row * (a4 * rowmax - b4 * rowmin) * scale
-            q_aug = torch.cat([(c0 * qc).expand(nb, heads, length, dim), u * qc, w.expand(nb, heads, length, 1)], -1)
-            k_aug = torch.cat([kc, m_row * kc, m_row.expand(nb, heads, length, 1)], -1)
-            torch.matmul(q_aug, k_aug.transpose(-2, -1), out=logits)
-            del q_aug, k_aug
+            # Z = A * coef + w_i m_j = (A + S)/sqrt(d) minus the row constant beta*rowmin_i/sqrt(d), in place.
+            logits.mul_(_coef(a4, b4, m[sl], scale))
+            logits.addcmul_(m_col.transpose(-2, -1) * (a4 * rowmax - b4 * rowmin) * scale, m_col)
             torch.ops.aten._softmax.out(logits, -1, False, out=probs[sl])
             del logits
-            torch.matmul(probs[sl], vc, out=out[sl])
+            torch.matmul(probs[sl], v[sl], out=out[sl])
             stats[0, sl], stats[1, sl] = rowmax, rowmin
             idx[0, sl], idx[1, sl] = idx_max, idx_min
         ctx.save_for_backward(q, k, v, m, alpha, beta, probs, stats, idx)
@@ -131,60 +124,61 @@ class _SFMAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(dim)
         need_q, need_k, need_v, _, need_a, need_b = ctx.needs_input_grad
         grad_q = torch.empty_like(q) if need_q else None
-        grad_k = torch.empty_like(q) if need_k else None
+        grad_k = torch.empty_like(k) if need_k else None
         grad_v = torch.empty_like(v) if need_v else None
         grad_a_bh = q.new_zeros(alpha.shape[0], heads) if need_a else None
         grad_b_bh = q.new_zeros(beta.shape[0], heads) if need_b else None
         grad_out = grad_out.contiguous()
 
         for sl in _chunks(bsz, heads, length):
-            qc, kc, vc, mc, pc, go = q[sl], k[sl], v[sl], m[sl], probs[sl], grad_out[sl]
+            qc, kc, pc, go = q[sl], k[sl], probs[sl], grad_out[sl]
             rowmax, rowmin, idx_max, idx_min = stats[0, sl], stats[1, sl], idx[0, sl], idx[1, sl]
             a4 = _rows(alpha, sl)[:, :, None, None]
             b4 = _rows(beta, sl)[:, :, None, None]
             nb = qc.shape[0]
-            m_row = mc.view(nb, 1, length, 1)
+            m_vec = m[sl].view(nb, 1, length, 1)  # m as a column vector (for products) and as the row mask m_i
             if need_v:
                 torch.matmul(pc.transpose(-2, -1), go, out=grad_v[sl])
-            grad_p = torch.matmul(go, vc.transpose(-2, -1))
-            # Gradient w.r.t. the scaled logits; rows sum to zero, which is why the dropped row constant is harmless.
+            grad_p = torch.matmul(go, v[sl].transpose(-2, -1))
+            # g = dL/dZ for the scaled logits Z; g * scale = dL/d(A + S). Rows of g sum to zero (softmax), which is
+            # why the row constant dropped in forward needs no term here.
             g = torch._softmax_backward_data(grad_p, pc, -1, pc.dtype)
             del grad_p
-            # With G' = g / sqrt(d) the gradient w.r.t. the unscaled A + S: Y = G' [k, m k, m].
-            k_rhs = torch.cat([kc * scale, m_row * kc * scale, (m_row * scale).expand(nb, heads, length, 1)], -1)
-            y = torch.matmul(g, k_rhs)
-            del k_rhs
-            g_k, g_mk, g_m = y[..., :dim], y[..., dim : 2 * dim], y[..., 2 * dim :]
-            fg_g = m_row * g_m  # m_i * sum_j G'_ij m_j: weight of the rowmax/rowmin paths of row i
-
+            g_m = torch.matmul(g, m_vec) * scale  # sum_j G'_ij m_j
+            fg_g = m_vec * g_m  # weight of row i's rowmax/rowmin paths
             if need_a or need_b:
-                ga_1 = (qc * g_k).sum(-1, keepdim=True)  # sum_j G'_ij A_ij
-                ga_m = (qc * g_mk).sum(-1, keepdim=True)  # sum_j G'_ij A_ij m_j
+                ga = torch.matmul(qc, kc.transpose(-2, -1)).mul_(g)  # recomputed A, times g
+                ga_1 = ga.sum(-1, keepdim=True) * scale  # sum_j G'_ij A_ij
+                ga_m = torch.matmul(ga, m_vec) * scale  # sum_j G'_ij A_ij m_j
+                del ga
                 if need_a:
-                    ga = (rowmax * fg_g - m_row * ga_m).sum((-2, -1))
-                    _accumulate(grad_a_bh, ga, sl)
+                    _accumulate(grad_a_bh, (rowmax * fg_g - m_vec * ga_m).sum((-2, -1)), sl)
                 if need_b:
-                    gb = (-ga_1 - rowmin * fg_g + m_row * ga_m).sum((-2, -1))
-                    _accumulate(grad_b_bh, gb, sl)
-
-            idx_max_d = idx_max.expand(nb, heads, length, dim)
-            idx_min_d = idx_min.expand(nb, heads, length, dim)
-            if need_q:
-                k_max = kc.gather(-2, idx_max_d)
-                k_min = kc.gather(-2, idx_min_d)
-                grad_q[sl] = (1.0 - b4) * g_k + (b4 - a4) * m_row * g_mk + fg_g * (a4 * k_max - b4 * k_min)
-            del y, g_k, g_mk
-            if need_k:
-                q_rhs = torch.cat([qc * scale, m_row * qc * scale], -1)
-                y2 = torch.matmul(g.transpose(-2, -1), q_rhs)
-                gk = (1.0 - b4) * y2[..., :dim] + (b4 - a4) * m_row * y2[..., dim:]
-                gk.scatter_add_(-2, idx_max_d, a4 * fg_g * qc).scatter_add_(-2, idx_min_d, -b4 * fg_g * qc)
-                grad_k[sl] = gk
+                    _accumulate(grad_b_bh, (-ga_1 - rowmin * fg_g + m_vec * ga_m).sum((-2, -1)), sl)
+            if need_q or need_k:
+                # dL/dA: the direct path g * dZ/dA, plus the rowmax / rowmin paths to the arg-max / arg-min keys.
+                grad_a = g.mul_(_coef(a4, b4, m[sl], scale))
+                grad_a.scatter_add_(-1, idx_max, (a4 * fg_g).expand(nb, heads, length, 1))
+                grad_a.scatter_add_(-1, idx_min, (-b4 * fg_g).expand(nb, heads, length, 1))
+                if need_q:
+                    torch.matmul(grad_a, kc, out=grad_q[sl])
+                if need_k:
+                    torch.matmul(grad_a.transpose(-2, -1), qc, out=grad_k[sl])
             del g
 
         grad_a = _reduce_to(grad_a_bh, alpha.shape) if need_a else None
         grad_b = _reduce_to(grad_b_bh, beta.shape) if need_b else None
         return grad_q, grad_k, grad_v, None, grad_a, grad_b
+
+
+def _coef(a4: Tensor, b4: Tensor, m: Tensor, scale: float) -> Tensor:
+    """dZ/dA = (1 - alpha R - beta (1 - R)) / sqrt(d) = ((1 - beta) + (beta - alpha) m_i m_j) / sqrt(d).
+
+    Built by broadcasting ``m_i`` against ``m_j``: ``(b, 1, L, L)`` when alpha/beta are shared by the heads.
+    """
+    nb, length = m.shape
+    m_row, m_col = m.view(nb, 1, length, 1), m.view(nb, 1, 1, length)
+    return torch.addcmul((1.0 - b4) * scale, (b4 - a4) * scale * m_row, m_col)
 
 
 def _accumulate(total: Tensor, chunk: Tensor, sl: slice) -> None:
