@@ -36,7 +36,7 @@ def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "infra.local", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def port_flags(ports: Ports) -> list[str]:
@@ -114,7 +114,7 @@ def test_stack_up_use_down(tmp_path: Path) -> None:
               "os.environ.get('AWS_SECRET_ACCESS_KEY') == " + repr(config.secret_key) + ", os.getcwd(), sys.prefix)")
     job_env = {**os.environ, **sourced_env}  # as a user after `source .stmi/env`
     job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", "-c", script],
-                         env=job_env, capture_output=True, text=True, timeout=180)
+                         env=job_env, capture_output=True, text=True, timeout=180, check=False)
     assert job.returncode == 0, job.stdout + job.stderr
     seen = next(line for line in job.stdout.splitlines() if line.startswith("SEEN")).split()
     assert seen[1:5] == [env["MLFLOW_TRACKING_URI"], env["STMI_S3_ENDPOINT"], "stmi", "stmi"]
@@ -151,7 +151,10 @@ def test_port_taken_is_a_clear_error(tmp_path: Path) -> None:
         assert "--s3-port N" in result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "pids" / "s3.pid").exists()
-        status = LocalStack(StackConfig.load(tmp_path)).s3.status()
+        stack = LocalStack(StackConfig.load(tmp_path))
+        with pytest.raises(PortInUseError, match=f"port {ports.s3} "):
+            stack.s3.start()
+        status = stack.s3.status()
         assert not status.running and f"port {ports.s3} (s3) is used by another process" in status.detail
     finally:
         blocker.close()
@@ -218,7 +221,7 @@ def test_free_ports_are_distinct_and_free() -> None:
 
 
 @pytest.mark.integration
-def test_fixtures(s3_server, mlflow_server, ray_cluster) -> None:  # noqa: ANN001 - fixture types in conftest
+def test_fixtures(s3_server, mlflow_server, ray_cluster) -> None:
     """The fixtures other tests use: S3 with the bucket, MLflow on S3, a Ray head whose jobs see both."""
     client = s3_server.boto3_client()
     assert s3_server.bucket in [b["Name"] for b in client.list_buckets()["Buckets"]]
