@@ -92,6 +92,8 @@ def train_driver(config: dict[str, Any]) -> None:
         tags={"stmi.sweep": spec.name, "stmi.dataset": spec.dataset, "stmi.trial_id": trial_id,
               **({"stmi.variant": config["variant"]} if config.get("variant") else {})})
     logger = tracking.RunLogger(run_id, settings.tracking_uri)
+    starts = int(cl.get_run(run_id).data.tags.get("stmi.driver_starts", "0")) + 1
+    logger.set_tags({"stmi.driver_starts": starts})  # > 1: the trial was resumed (never for finished trials)
     logger.log_params({k: v for k, v in flatten(cfg).items()})
     result = fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id,
                  workers=spec.workers, cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
@@ -136,6 +138,10 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
         search_alg = OptunaSearch(space=ss.optuna_distributions(), metric=ss.metric, mode=ss.mode,
                                   points_to_evaluate=start, sampler=TPESampler(seed=seed),
                                   study_name=f"{spec.name}-{spec.dataset}")
+    reporter = ray.tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "train_loss": "loss", "val_mAP": "val mAP", "best_val_mAP": "best val mAP"},
+        parameter_columns={k: k.split(".")[-1] for k in ss.params} if ss.kind == "optuna" else ["variant"],
+        max_report_frequency=30, sort_by_metric=True, metric=ss.metric, mode=ss.mode)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
@@ -143,7 +149,8 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                         trial_dirname_creator=lambda t: t.trial_id),
         run_config=ray.tune.RunConfig(name=spec.dataset, storage_path=storage_path, storage_filesystem=fs,
-                                      failure_config=ray.tune.FailureConfig(max_failures=1)),
+                                      failure_config=ray.tune.FailureConfig(max_failures=1),
+                                      progress_reporter=reporter),
     )
 
 
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if raw else "; see --help for the paper preset and real datasets"), flush=True)
     else:
         print(f"STMI sweep: preset {args.preset}", flush=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _quiet_logging()
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -415,6 +422,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
           flush=True)
     return 1 if failed else 0
+
+
+def _quiet_logging() -> None:
+    """Our INFO lines; libraries' (open_clip, MLflow) warnings only. Tune's compact table (see build_tuner)."""
+    import os
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("stmi").setLevel(logging.INFO)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours our column selection
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    try:
+        from optuna.exceptions import ExperimentalWarning
+
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    except ImportError:
+        pass
 
 
 def _fmt(v: Any) -> str:

@@ -281,7 +281,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("stmi").setLevel(logging.INFO)
     args = parser().parse_args(argv)
     from orchestration import tracking
     from orchestration.settings import PlatformSettings, SettingsError

@@ -120,9 +120,8 @@ class RayCluster:
 @pytest.fixture(scope="session")
 def stack_config(tmp_path_factory: pytest.TempPathFactory) -> StackConfig:
     """One state dir and one set of free ports shared by the session's servers."""
-    state = tmp_path_factory.mktemp("stack")
-    return StackConfig(state_dir=state, ports=Ports.free(), num_cpus=TEST_RAY_CPUS,
-                       object_store_memory=TEST_OBJECT_STORE_BYTES, ray_token_file=state / "ray_auth_token")
+    return StackConfig(state_dir=tmp_path_factory.mktemp("stack"), ports=Ports.free(), num_cpus=TEST_RAY_CPUS,
+                       object_store_memory=TEST_OBJECT_STORE_BYTES)
 
 
 @pytest.fixture(scope="session")

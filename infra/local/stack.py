@@ -165,10 +165,6 @@ class StackConfig:
         cwd: Working directory of the Ray head, hence of the jobs submitted without ``--working-dir``: the
             repository, so ``ray job submit -- python orchestration/sweep.py`` finds the script.
         bin_path: Where to look for ``weed``, ``mlflow`` and ``ray`` (None: this Python's bin dir, then PATH).
-        ray_token_file: Ray's authentication token (token auth is on: Ray >= 2.59 turns it on by default once a
-            token exists, so the stack sets the mode explicitly rather than depending on what is in ``~/.ray``).
-            None: Ray's own default ``~/.ray/auth_token`` (created if missing), so a plain ``ray job submit`` in
-            the user's shell authenticates; tests pass a file in their state dir.
     """
 
     state_dir: Path = DEFAULT_STATE_DIR
@@ -182,7 +178,6 @@ class StackConfig:
     ray_temp_dir: Path | None = None
     cwd: Path = REPO_ROOT
     bin_path: str | None = None
-    ray_token_file: Path | None = None
 
     SAVED = ("ports", "bucket", "prefix", "region", "num_cpus", "num_gpus", "object_store_memory")
 
@@ -270,17 +265,6 @@ class StackConfig:
             return inside
         digest = hashlib.sha1(str(inside).encode()).hexdigest()[:10]
         return Path(tempfile.gettempdir()) / f"stmi-ray-{digest}"
-
-    @property
-    def ray_token_path(self) -> Path:
-        return Path(self.ray_token_file) if self.ray_token_file else Path.home() / ".ray" / "auth_token"
-
-    def ray_token(self) -> str:
-        """The Ray auth token (generated once, 0600); never printed."""
-        path = self.ray_token_path
-        if not path.exists() or not path.read_text().strip():
-            _write_private(path, secrets.token_hex(32))
-        return path.read_text().strip()
 
     def s3_env(self) -> dict[str, str]:
         """What an S3 client needs: endpoint, bucket, prefix and credentials."""
@@ -610,10 +594,9 @@ class Service:
         return ServiceStatus(self.name, True, reason is None, pid, self.url, reason or "healthy")
 
 
-def _http_get(url: str, timeout: float = 3.0, token: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def _http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read(4096).decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, ""
@@ -785,7 +768,6 @@ class RayHead(Service):
 
     def prepare(self) -> None:
         self.config.ray_tmp.mkdir(parents=True, exist_ok=True)
-        self.config.ray_token()  # exists before `ray start` reads it
 
     def extra_env(self) -> dict[str, str]:
         env = {k: v for k, v in self.config.env().items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -802,7 +784,7 @@ class RayHead(Service):
     def health(self) -> str | None:
         for path in ("/api/version", "/api/jobs/"):
             try:
-                code, _ = _http_get(self.url + path, token=self.config.ray_token())
+                code, _ = _http_get(self.url + path)
             except OSError as e:
                 return f"GET {self.url}{path} failed: {e}"
             if code in (401, 403):
