@@ -141,7 +141,7 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
     reporter = ray.tune.CLIReporter(
         metric_columns={"epoch": "epoch", "train_loss": "loss", "val_mAP": "val mAP", "best_val_mAP": "best val mAP"},
         parameter_columns={k: k.split(".")[-1] for k in ss.params} if ss.kind == "optuna" else ["variant"],
-        max_report_frequency=30, sort_by_metric=True, metric=ss.metric, mode=ss.mode)
+        max_report_frequency=30, sort_by_metric=True)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,

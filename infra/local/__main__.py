@@ -21,6 +21,7 @@ examples:
   python -m infra.local up --mlflow-port 5050   another MLflow port (saved: status/down follow it)
   python -m infra.local status                  health of each service; exit code 1 if one is unhealthy
   python -m infra.local down                    stop everything, nothing left running
+  python -m infra.local demo                    all of the above + the demo sweep and a report (make demo)
 """
 
 
@@ -48,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Stop the Ray head, MLflow and S3 with every process they spawned.")
     sub.add_parser("status", parents=[common], help="health of each service",
                    description="Check each service: S3 ListBuckets, MLflow /health, Ray dashboard + GCS.")
-    sub.add_parser("demo", parents=[common, up_only], help="stack up, the demo sweep via `ray job submit`, a report",
-                   description="Start the stack and run the demo sweep as a Ray job, then print a report.")
+    demo = sub.add_parser("demo", parents=[common, up_only],
+                          help="stack up, the demo sweep via `ray job submit`, a report",
+                          description="Start the stack, submit `python orchestration/sweep.py` (the demo preset) as a "
+                                      "Ray job, then print the best trial per dataset and the commands to serve and "
+                                      "query the champion. Arguments after `--` go to the sweep, e.g. "
+                                      "`python -m infra.local demo -- --datasets rgbnt201 --num-samples 1`.")
+    demo.add_argument("--name", help="sweep name (default demo-<time>)")
+    demo.add_argument("sweep_args", nargs=argparse.REMAINDER, help="arguments for orchestration/sweep.py after --")
     return parser
 
 
@@ -84,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r.name:7s} {state:9s} {pid:10s} {r.url:28s} {detail}".rstrip())
             return 0 if all(r.healthy for r in rows) else 1
         if args.command == "demo":
-            print("`demo` is not available yet: it needs the sweep (issue 5, orchestration/sweep.py). "
-                  "Meanwhile: `python -m infra.local up`, then submit jobs with `ray job submit -- python ...`.",
-                  file=sys.stderr)
-            return 2
+            from infra.local.demo import run_demo
+
+            extra = [a for a in args.sweep_args if a != "--"] if args.sweep_args else []
+            return run_demo(config, extra, name=args.name)
     except StackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,112 @@
+"""``make demo``: the stack up, the demo sweep submitted with ``ray job submit``, and a report.
+
+The report says where to look (MLflow UI), what won (best trial per dataset with its metrics and registered
+version) and how to use it: the exact ``mlflow models serve`` and ``curl`` commands, with a request file built
+from a real query triplet of the demo data, written under ``<state dir>/demo/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.local.stack import REPO_ROOT, LocalStack, StackConfig
+
+SERVE_PORT = 5001
+
+
+def _env(config: StackConfig) -> dict[str, str]:
+    return {**os.environ, **config.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None) -> int:
+    """Start the stack, run the sweep job, print the report; returns the job's exit code."""
+    stack = LocalStack(config)
+    stack.up()
+    name = name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", config.dashboard_url, "--",
+           "python", "orchestration/sweep.py", "--name", name, *sweep_args]
+    print(f"\n$ {' '.join(shlex.quote(c) for c in cmd[1:])}\n", flush=True)
+    rc = subprocess.call(cmd, env=_env(config), cwd=REPO_ROOT)
+    if rc != 0:
+        print(f"\nthe sweep job failed (exit {rc}); its log is above, Ray's logs are in {config.ray_tmp}/session_latest"
+              f"/logs and the dashboard at {config.dashboard_url}", file=sys.stderr)
+        return rc
+    print(report(config, name), flush=True)
+    return 0
+
+
+def report(config: StackConfig, sweep_name: str) -> str:
+    """The end-of-demo report (reads MLflow back)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(config.tracking_uri)
+    exp = client.get_experiment_by_name(f"stmi-{sweep_name}")
+    if exp is None:
+        return f"no MLflow experiment stmi-{sweep_name} at {config.tracking_uri}"
+    lines = ["", "=" * 100, f"STMI demo sweep {sweep_name!r} finished", "",
+             f"MLflow UI:  {config.tracking_uri}/#/experiments/{exp.experiment_id}   (a parent run per dataset, a "
+             f"child per trial; compare children with the UI's chart view)", "",
+             f"{'dataset':10s} {'best trial':12s} {'val mAP':>8s} {'test mAP':>9s} {'R1':>6s} {'R5':>6s} {'R10':>6s}"
+             f"  model"]
+    first_dataset = None
+    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stmi.role") == "parent"]
+    for parent in sorted(parents, key=lambda r: r.data.tags.get("stmi.dataset", "")):
+        ds = parent.data.tags["stmi.dataset"]
+        m, p = parent.data.metrics, parent.data.params
+        version = parent.data.tags.get("stmi.champion_version", "?")
+        lines.append(f"{ds:10s} {p.get('best.trial_id', '-'):12s} {_f(m.get('best_best_val_mAP')):>8s} "
+                     f"{_f(m.get('best_test_mAP')):>9s} {_f(m.get('best_test_R1')):>6s} {_f(m.get('best_test_R5')):>6s} "
+                     f"{_f(m.get('best_test_R10')):>6s}  models:/stmi-{ds}@champion (v{version})")
+        first_dataset = first_dataset or ds
+    if first_dataset:
+        request = write_request(config, first_dataset)
+        venv_bin = Path(sys.executable).parent
+        lines += ["", "Serve the champion and query it (in two shells):",
+                  f"  source {Path(config.state_dir) / 'env'} && PATH={venv_bin}:$PATH \\",
+                  f"    mlflow models serve -m models:/stmi-{first_dataset}@champion --env-manager local "
+                  f"-h 127.0.0.1 -p {SERVE_PORT}",
+                  f"  curl -s http://127.0.0.1:{SERVE_PORT}/invocations -H 'Content-Type: application/json' "
+                  f"--data @{request}",
+                  "", f"The request holds one query triplet of the demo data (rgb/nir/tir/mask as base64, caption, "
+                      f"camera); the answer is {{\"predictions\": [[...embedding...]]}}."]
+    lines += ["", "Stop everything: make down", "=" * 100]
+    return "\n".join(lines)
+
+
+def write_request(config: StackConfig, dataset: str) -> Path:
+    """A one-row request from the first query triplet of the demo dataset (real files, base64)."""
+    from orchestration.demo_data import demo_root
+    from stmi.data.dataset import load_frames
+    from stmi.data.datasets import read_split
+
+    records = read_split(dataset, demo_root() / dataset, "query")
+    t = records[0]
+    row: dict[str, Any] = {k: _b64(im) for k, im in zip(("rgb", "nir", "tir"), load_frames(t))}
+    if t.mask is not None and Path(t.mask).exists():
+        row["mask"] = base64.b64encode(Path(t.mask).read_bytes()).decode()
+    if t.caption:
+        row["caption"] = t.caption
+    row["camera"] = int(t.camid)
+    out = Path(config.state_dir) / "demo" / f"request-{dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"inputs": [row]}))
+    return out
+
+
+def _b64(im: Any) -> str:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=95)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _f(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
