@@ -20,7 +20,8 @@ Figures (epochs 2..N, i.e. without the first epoch's warm-up, median):
   ``UserCallback`` writes their wall-clock times to a file), i.e. the epoch plus checkpoint + report.
 - worker-group start: from the ``fit()`` call to the start of the first epoch, estimated as the first report's
   time minus epoch 0's ``train_time_s`` minus the median per-epoch checkpoint + report cost (period - epoch time).
-  It includes the worker's own set-up (tokenizer, loaders, model), which the plain loop's set-up line shows alone.
+  It includes the Train controller and worker actors starting, the worker importing torch/open_clip, the gloo
+  process group and the worker's own set-up (tokenizer, loaders, model), which the plain set-up line shows alone.
 - total: ``fit()`` wall-clock against the plain loop's set-up + epochs + final evaluation.
 
 Threads: Ray sets ``OMP_NUM_THREADS`` to a worker's CPU count when the variable is unset; this benchmark sets it
