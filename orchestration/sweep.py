@@ -58,6 +58,8 @@ class SweepSpec:
     parent_run_id: str
     settings: dict[str, str]
     """Non-secret platform settings (credentials stay in the cluster's environment)."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``--set`` config overrides for every trial (applied before the search space's values)."""
 
 
 # --------------------------------------------------------------------------------------------------- trial level
@@ -67,7 +69,8 @@ def trial_config(spec: SweepSpec, config: dict[str, Any]) -> STMIConfig:
     from stmi.recipes import recipe
 
     ss = load_search_space(spec.search_space)
-    overrides = {"data.root": spec.data_root, "optim.epochs": spec.max_epochs, **ss.trial_overrides(config)}
+    overrides = {"data.root": spec.data_root, "optim.epochs": spec.max_epochs, **spec.overrides,
+                 **ss.trial_overrides(config)}
     return apply_overrides(recipe(spec.recipe, spec.dataset), overrides)
 
 
@@ -317,6 +320,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder holding RGBNT201/, RGBNT100/, MSVR310/ (required for paper; the "
                                        "demo generates synthetic data on first use)")
     p.add_argument("--search-space", help="search_spaces/NAME.yaml, NAME, or a path (default: the preset's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override for every trial, repeatable: --set model.pretrained=/models/ViT-B-16.pt")
     p.add_argument("--num-samples", type=int, help="trials per dataset (Optuna); a grid runs each variant once")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA does not stop")
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
@@ -350,17 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration import tracking
     from orchestration.search_space import SearchSpaceError, load_search_space
     from orchestration.settings import PlatformSettings, SettingsError
+    from stmi.config import ConfigError
     from stmi.recipes import recipe
 
     try:
         ss = load_search_space(args.search_space)
+        overrides = _parse_overrides(args.overrides)
         settings = PlatformSettings.from_env(args)
         settings.check_storage()
         if args.preset == "paper" and not args.data_root:
             raise SettingsError("--data-root is required for the paper preset (the folder holding RGBNT201/ ...)")
         if args.resume and not args.name:
             raise SettingsError("--resume needs --name of the sweep to continue")
-    except (SearchSpaceError, SettingsError) as e:
+    except (SearchSpaceError, SettingsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -397,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                          search_space=str(ss.path), max_epochs=max_epochs, workers=args.workers_per_trial,
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                          max_failures=args.max_failures, experiment_id=exp_id, parent_run_id=parent_id,
+                         overrides=overrides,
                          settings={"s3_endpoint": settings.s3_endpoint, "bucket": settings.bucket,
                                    "prefix": settings.prefix, "tracking_uri": settings.tracking_uri})
         parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
@@ -440,6 +448,15 @@ def _quiet_logging() -> None:
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
     except ImportError:
         pass
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.K=8", ...]`` -> checked overrides (an unknown field or a wrong type fails before anything starts)."""
+    from stmi.config import STMIConfig, parse_assignments
+
+    flat = parse_assignments(items)
+    checked = flatten(apply_overrides(STMIConfig(), flat))
+    return {k: checked[k] for k in flat}
 
 
 def _fmt(v: Any) -> str:

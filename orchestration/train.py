@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stmi.config import DATASETS, STMIConfig, apply_overrides, flatten, from_dict, to_dict
+from stmi.config import DATASETS, STMIConfig, apply_overrides, flatten, from_dict, parse_assignments, to_dict
 
 log = logging.getLogger("stmi.train")
 STATE_FILE = "state.pt"
@@ -246,11 +246,7 @@ def build_config(recipe_name: str, dataset: str, data_root: str | None, override
     flat: dict[str, Any] = {}
     if data_root:
         flat["data.root"] = str(Path(data_root).expanduser().absolute())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects field=value, got {item!r} (e.g. --set model.K=8)")
-        flat[key.strip()] = value.strip()
+    flat.update(parse_assignments(overrides))
     return apply_overrides(cfg, flat)
 
 

@@ -256,6 +256,18 @@ def apply_overrides(cfg: STMIConfig, overrides: dict[str, Any]) -> STMIConfig:
     return dataclasses.replace(cfg, **changes, **top)
 
 
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """Command-line ``FIELD=VALUE`` strings -> ``{field: value}`` (values stay strings; :func:`apply_overrides`
+    checks names and converts types)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected FIELD=VALUE, got {item!r} (e.g. --set model.K=8)")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def flatten(cfg: STMIConfig) -> dict[str, Any]:
     """Flat ``dotted.name -> value`` of every leaf (for MLflow params and search spaces)."""
     out: dict[str, Any] = {}

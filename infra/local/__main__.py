@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "query the champion. Arguments after `--` go to the sweep, e.g. "
                                       "`python -m infra.local demo -- --datasets rgbnt201 --num-samples 1`.")
     demo.add_argument("--name", help="sweep name (default demo-<time>)")
+    demo.add_argument("--serve-port", type=int, default=5001, help="port in the printed `mlflow models serve` command")
     demo.add_argument("sweep_args", nargs=argparse.REMAINDER, help="arguments for orchestration/sweep.py after --")
     return parser
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             from infra.local.demo import run_demo
 
             extra = [a for a in args.sweep_args if a != "--"] if args.sweep_args else []
-            return run_demo(config, extra, name=args.name)
+            return run_demo(config, extra, name=args.name, serve_port=args.serve_port)
     except StackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ def _env(config: StackConfig) -> dict[str, str]:
     return {**os.environ, **config.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None) -> int:
+def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None, serve_port: int = SERVE_PORT) -> int:
     """Start the stack, run the sweep job, print the report; returns the job's exit code."""
     stack = LocalStack(config)
     stack.up()
@@ -40,11 +40,11 @@ def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None
         print(f"\nthe sweep job failed (exit {rc}); its log is above, Ray's logs are in {config.ray_tmp}/session_latest"
               f"/logs and the dashboard at {config.dashboard_url}", file=sys.stderr)
         return rc
-    print(report(config, name), flush=True)
+    print(report(config, name, serve_port), flush=True)
     return 0
 
 
-def report(config: StackConfig, sweep_name: str) -> str:
+def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -> str:
     """The end-of-demo report (reads MLflow back)."""
     from mlflow.tracking import MlflowClient
 
@@ -73,8 +73,8 @@ def report(config: StackConfig, sweep_name: str) -> str:
         lines += ["", "Serve the champion and query it (in two shells):",
                   f"  source {Path(config.state_dir) / 'env'} && PATH={venv_bin}:$PATH \\",
                   f"    mlflow models serve -m models:/stmi-{first_dataset}@champion --env-manager local "
-                  f"-h 127.0.0.1 -p {SERVE_PORT}",
-                  f"  curl -s http://127.0.0.1:{SERVE_PORT}/invocations -H 'Content-Type: application/json' "
+                  f"-h 127.0.0.1 -p {serve_port}",
+                  f"  curl -s http://127.0.0.1:{serve_port}/invocations -H 'Content-Type: application/json' "
                   f"--data @{request}",
                   "", f"The request holds one query triplet of the demo data (rgb/nir/tir/mask as base64, caption, "
                       f"camera); the answer is {{\"predictions\": [[...embedding...]]}}."]
