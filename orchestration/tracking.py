@@ -70,7 +70,10 @@ def get_or_create_run(cl: Any, experiment_id: str, run_key: str, run_name: str, 
 
 
 def _clean(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    if isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
     return redact(text)[:6000]
 
 

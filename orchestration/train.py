@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -46,8 +45,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from stmi.data import build_loaders
-    from stmi.engine import (build_optimizer, build_scheduler, checkpoint_state, restore_state, seed_everything,
-                             train_one_epoch)
+    from stmi.engine import (
+        build_optimizer,
+        build_scheduler,
+        checkpoint_state,
+        restore_state,
+        seed_everything,
+        train_one_epoch,
+    )
     from stmi.eval import evaluate
     from stmi.model import build_model
 

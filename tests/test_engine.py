@@ -12,8 +12,14 @@ import torch
 from torch import nn
 
 from stmi.config import ModelConfig, OptimConfig, STMIConfig, apply_overrides, from_dict
-from stmi.engine import (build_optimizer, build_scheduler, checkpoint_state, restore_state, seed_everything,
-                         train_one_epoch)
+from stmi.engine import (
+    build_optimizer,
+    build_scheduler,
+    checkpoint_state,
+    restore_state,
+    seed_everything,
+    train_one_epoch,
+)
 from stmi.recipes import RECIPES, recipe
 
 

@@ -63,9 +63,10 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
         ds = parent.data.tags["stmi.dataset"]
         m, p = parent.data.metrics, parent.data.params
         version = parent.data.tags.get("stmi.champion_version", "?")
-        lines.append(f"{ds:10s} {p.get('best.trial_id', '-'):12s} {_f(m.get('best_best_val_mAP')):>8s} "
-                     f"{_f(m.get('best_test_mAP')):>9s} {_f(m.get('best_test_R1')):>6s} {_f(m.get('best_test_R5')):>6s} "
-                     f"{_f(m.get('best_test_R10')):>6s}  models:/stmi-{ds}@champion (v{version})")
+        scores = [_f(m.get(k)) for k in ("best_best_val_mAP", "best_test_mAP", "best_test_R1", "best_test_R5",
+                                          "best_test_R10")]
+        lines.append(f"{ds:10s} {p.get('best.trial_id', '-'):12s} {scores[0]:>8s} {scores[1]:>9s} {scores[2]:>6s} "
+                     f"{scores[3]:>6s} {scores[4]:>6s}  models:/stmi-{ds}@champion (v{version})")
         first_dataset = first_dataset or ds
     if first_dataset:
         request = write_request(config, first_dataset)
@@ -76,8 +77,8 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
                   f"-h 127.0.0.1 -p {serve_port}",
                   f"  curl -s http://127.0.0.1:{serve_port}/invocations -H 'Content-Type: application/json' "
                   f"--data @{request}",
-                  "", f"The request holds one query triplet of the demo data (rgb/nir/tir/mask as base64, caption, "
-                      f"camera); the answer is {{\"predictions\": [[...embedding...]]}}."]
+                  "", "The request holds one query triplet of the demo data (rgb/nir/tir/mask as base64, caption, "
+                      "camera); the answer is {\"predictions\": [[...embedding...]]}."]
     lines += ["", "Stop everything: make down", "=" * 100]
     return "\n".join(lines)
 
