@@ -77,7 +77,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             start_epoch = restore_state(state, core, optimizer, scheduler, generator=loaders.train.generator)
             history, best = state["extra"]["history"], state["extra"]["best"]
             if (Path(d) / BEST_FILE).exists():
@@ -98,7 +98,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if tracker is not None and checkpoint is None:
         tracker.set_tags({"stmi.missing_captions": loaders.missing_captions,
                           "stmi.selects_on_test": loaders.selects_on_test})
-        if val_loaders is not None:  # the reference point "well above the untrained model" is measured against
+        logged = tracker.client.get_run(tracker.run_id).data.metrics
+        if val_loaders is not None and "untrained_val_mAP" not in logged:  # the reference point for "learnt"
             val0 = evaluate(core, *val_loaders, device, use_scenes=loaders.uses_scenes)
             tracker.log_metrics({"untrained_val_mAP": val0["mAP"], "untrained_val_R1": val0["R1"]})
     if tracker is not None and checkpoint is not None:
