@@ -167,7 +167,7 @@ class RunLogger:
             parent = str(Path(artifact_file).parent)
             self.log_artifact(p, None if parent == "." else parent)
 
-    def start_system_metrics(self, interval_s: float = 10.0) -> None:
+    def start_system_metrics(self, interval_s: float = 5.0) -> None:
         """CPU/memory/(GPU) metrics of this process's node, as MLflow system metrics."""
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
