@@ -97,7 +97,12 @@ def train_driver(config: dict[str, Any]) -> None:
     logger = tracking.RunLogger(run_id, settings.tracking_uri)
     starts = int(cl.get_run(run_id).data.tags.get("stmi.driver_starts", "0")) + 1
     logger.set_tags({"stmi.driver_starts": starts})  # > 1: the trial was resumed (never for finished trials)
-    logger.log_params({k: v for k, v in flatten(cfg).items()})
+    # The trial's own values now (visible even if it is stopped before a worker starts); the workers add the rest
+    # of the resolved config, with what the data decides (num_classes, num_cameras).
+    from orchestration.search_space import load_search_space
+
+    flat = flatten(cfg)
+    logger.log_params({k: flat[k] for k in load_search_space(spec.search_space).trial_overrides(config)})
     result = fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id,
                  workers=spec.workers, cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
                  max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
