@@ -95,9 +95,9 @@ class PlatformSettings:
         """A pyarrow S3 filesystem for Ray's ``RunConfig(storage_filesystem=...)``."""
         import pyarrow.fs
 
+        # No keys passed: pyarrow resolves them from AWS_* (or the node's role) in each process. Ray pickles this
+        # object into its experiment state on S3; explicit keys would travel (and be stored) with it.
         kwargs: dict[str, Any] = {"region": self.region}
-        if self.access_key:
-            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
         if self.s3_endpoint:
             scheme, _, host = self.s3_endpoint.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
