@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ from orchestration import tracking
 from orchestration.demo_data import ensure_demo_dataset
 from orchestration.search_space import SearchSpace, SearchSpaceError, load_search_space
 from orchestration.settings import PlatformSettings, SettingsError
-from orchestration.train import EXPORT_DIR, EXPORT_FILE, fit
+from orchestration.train import EXPORT_DIR, EXPORT_FILE, StopHandler, check_data_root, fit
 from stmi.config import DATASETS, ConfigError, STMIConfig, apply_overrides, flatten, parse_assignments
 from stmi.recipes import recipe
 
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ss = load_search_space(args.search_space)
         overrides = _parse_overrides(args.overrides)
+        for dataset in args.datasets if args.data_root else ():
+            check_data_root(dataset, str(Path(args.data_root).expanduser().absolute()))
         settings = PlatformSettings.from_env(args)
         settings.check_storage()
         if args.preset == "paper" and not args.data_root:
@@ -370,6 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {name!r}: MLflow experiment {experiment!r} at {settings.tracking_uri}; search space {ss.path.name} "
           f"({ss.kind}); datasets {', '.join(args.datasets)}", flush=True)
 
+    resume = "ray job submit -- python orchestration/sweep.py " + shlex.join(
+        [*raw, *([] if args.name else ["--name", name]), *([] if args.resume else ["--resume"])])
+    current: list[tracking.RunLogger] = []  # the dataset's parent run while its Tune experiment runs
+
+    def runs_to_stop() -> list[tracking.RunLogger]:
+        children = [tracking.RunLogger(r, settings.tracking_uri) for p in current
+                    for r in tracking.running_children(cl, exp_id, p.run_id)]
+        return [*children, *current]
+
+    stop = StopHandler(resume, runs_to_stop).install()
     import ray
 
     ray.init(ignore_reinit_error=True)
@@ -377,46 +390,53 @@ def main(argv: list[str] | None = None) -> int:
                                                                    args.gpus_per_worker)
     summary = {}
     failed = False
-    for dataset in args.datasets:
-        data_root = _data_root(args, dataset)
-        max_epochs = args.max_epochs or recipe(args.recipe, dataset).optim.epochs
-        parent_key = f"sweep/{name}/{dataset}"
-        parent_id = tracking.get_or_create_run(cl, exp_id, parent_key, dataset,
-                                               tags={"stmi.sweep": name, "stmi.dataset": dataset,
-                                                     "stmi.role": "parent"})
-        parent = tracking.RunLogger(parent_id, settings.tracking_uri)
-        if parent.tags().get("stmi.sweep_done") == "true":
-            print(f"[{dataset}] already finished in a previous run of this sweep: skipped", flush=True)
-            continue
-        spec = SweepSpec(name=name, dataset=dataset, recipe=args.recipe, data_root=data_root,
-                         search_space=str(ss.path), max_epochs=max_epochs, workers=args.workers_per_trial,
-                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                         max_failures=args.max_failures, experiment_id=exp_id, parent_run_id=parent_id,
-                         overrides=overrides,
-                         settings={"s3_endpoint": settings.s3_endpoint, "bucket": settings.bucket,
-                                   "prefix": settings.prefix, "tracking_uri": settings.tracking_uri})
-        parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
-                           "sweep.num_samples": args.num_samples, "sweep.max_epochs": max_epochs,
-                           "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
-                           "sweep.max_concurrent": max_concurrent})
-        parent.log_artifact(ss.path, "search_space")
-        print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
-              f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
-        tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
-        results = tuner.fit()
-        best = finish_dataset(spec, results, ss.metric, ss.mode)
-        if best is None:
-            parent.terminate("FAILED")
-            failed = True
-            continue
-        summary[dataset] = best
-        parent.set_tags({"stmi.sweep_done": "true"})
-        parent.terminate("FINISHED")
-        print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
-              f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
-              f"{best['model_version']} as @champion", flush=True)
-    print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
-          flush=True)
+    try:
+        for dataset in args.datasets:
+            data_root = _data_root(args, dataset)
+            max_epochs = args.max_epochs or recipe(args.recipe, dataset).optim.epochs
+            parent_key = f"sweep/{name}/{dataset}"
+            parent_id = tracking.get_or_create_run(cl, exp_id, parent_key, dataset,
+                                                   tags={"stmi.sweep": name, "stmi.dataset": dataset,
+                                                         "stmi.role": "parent"})
+            parent = tracking.RunLogger(parent_id, settings.tracking_uri)
+            if parent.tags().get("stmi.sweep_done") == "true":
+                print(f"[{dataset}] already finished in a previous run of this sweep: skipped", flush=True)
+                continue
+            current[:] = [parent]
+            spec = SweepSpec(name=name, dataset=dataset, recipe=args.recipe, data_root=data_root,
+                             search_space=str(ss.path), max_epochs=max_epochs, workers=args.workers_per_trial,
+                             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                             max_failures=args.max_failures, experiment_id=exp_id, parent_run_id=parent_id,
+                             overrides=overrides,
+                             settings={"s3_endpoint": settings.s3_endpoint, "bucket": settings.bucket,
+                                       "prefix": settings.prefix, "tracking_uri": settings.tracking_uri})
+            parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
+                               "sweep.num_samples": args.num_samples, "sweep.max_epochs": max_epochs,
+                               "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
+                               "sweep.max_concurrent": max_concurrent})
+            parent.log_artifact(ss.path, "search_space")
+            print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
+                  f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
+            tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
+            results = tuner.fit()
+            best = finish_dataset(spec, results, ss.metric, ss.mode)
+            current.clear()
+            if best is None:
+                parent.terminate("FAILED")
+                failed = True
+                continue
+            summary[dataset] = best
+            parent.set_tags({"stmi.sweep_done": "true"})
+            parent.terminate("FINISHED")
+            print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
+                  f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
+                  f"{best['model_version']} as @champion", flush=True)
+        print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
+              flush=True)
+    except KeyboardInterrupt:
+        if stop.stopped:
+            return 143  # 128 + SIGTERM: `ray job stop`
+        raise
     return 1 if failed else 0
 
 

@@ -54,6 +54,13 @@ def find_run(cl: Any, experiment_id: str, run_key: str) -> Any | None:
     return runs[0] if runs else None
 
 
+def running_children(cl: Any, experiment_id: str, parent_run_id: str) -> list[str]:
+    """Ids of the RUNNING child runs of ``parent_run_id`` (a sweep's trials still in progress)."""
+    runs = cl.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                         f"attributes.status = 'RUNNING'", max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
 def get_or_create_run(cl: Any, experiment_id: str, run_key: str, run_name: str, parent_run_id: str | None = None,
                       tags: Mapping[str, str] | None = None) -> str:
     """The run id for ``run_key``: the existing run (set back to RUNNING) or a new one.

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,11 +190,48 @@ def fit(cfg: STMIConfig, run_name: str, *, settings: Any, run_id: str | None, wo
             name=run_name, **storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=callbacks or [],
+            callbacks=[no_retry_on_data_error(), *(callbacks or [])],
             worker_runtime_env={"env_vars": settings.worker_env()} if settings is not None else None,
         ),
     )
     return trainer.fit()
+
+
+def no_retry_on_data_error() -> Any:
+    """A Ray Train callback that ends the run at once on a ``DatasetError`` in a worker instead of retrying it.
+
+    A missing or corrupt file is the data's fault: a restart from the last checkpoint meets the same file, so
+    ``max_failures`` restarts would only repeat it. Ray Train V2 retries every worker error and has no per-error
+    policy; ``UserCallback.after_exception`` runs on the controller when it sees worker errors, before its failure
+    decision, and an exception raised there ends the run as a non-retryable ``ControllerError`` that carries the
+    message (tests/test_train_ray.py holds Ray to that).
+    """
+    from ray.train.v2.api.callback import UserCallback
+
+    from stmi.data.datasets import DatasetError
+
+    class NoRetryOnDataError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for rank, error in sorted(worker_exceptions.items()):
+                if isinstance(error, DatasetError):
+                    raise DatasetError(f"rank {rank}: {error}")
+
+    return NoRetryOnDataError()
+
+
+def failure_message(error: BaseException) -> str:
+    """One line for a failed run: a ``DatasetError``'s message (it names the file and the fix) when one caused it."""
+    from stmi.data.datasets import DatasetError
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DatasetError):
+            return str(e).strip().splitlines()[0]
+        e = getattr(e, "controller_failure", None) or e.__cause__
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -205,6 +245,23 @@ def build_config(recipe_name: str, dataset: str, data_root: str | None, override
         flat["data.root"] = str(Path(data_root).expanduser().absolute())
     flat.update(parse_assignments(overrides))
     return apply_overrides(cfg, flat)
+
+
+def check_data_root(dataset: str, root: str) -> None:
+    """Fail before any MLflow run is created or any worker starts when ``root`` holds no ``dataset`` folder.
+
+    Raises:
+        SettingsError: the folder is missing (or has the wrong case); the message names the path and the fix.
+    """
+    if not Path(root).is_dir():  # the common typo, answered without importing the data package (torch)
+        raise SettingsError(f"--data-root {root} does not exist or is not a folder; pass the folder that contains "
+                            f"the dataset folder (e.g. /data for /data/RGBNT201)")
+    from stmi.data.datasets import DatasetError, dataset_dir
+
+    try:
+        dataset_dir(dataset, root)
+    except DatasetError as e:
+        raise SettingsError(f"--data-root {root}: {e}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -238,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
         cfg = build_config(args.recipe, args.dataset, args.data_root, overrides)
+        if args.data_root:
+            check_data_root(cfg.data.dataset, cfg.data.root)
         settings = PlatformSettings.from_env(args)
         settings.check_storage()
     except (ConfigError, SettingsError, KeyError, ValueError) as e:
@@ -250,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     run_id = tracking.get_or_create_run(cl, exp_id, f"train/{name}", name,
                                         tags={"stmi.dataset": cfg.data.dataset, "stmi.recipe": cfg.recipe})
     print(f"MLflow run {run_id} in experiment {args.experiment!r} at {settings.tracking_uri}", flush=True)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    resume = "ray job submit -- python orchestration/train.py " + shlex.join(
+        raw if args.name else [*raw, "--name", name])
+    stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()
     import ray
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
@@ -259,15 +322,51 @@ def main(argv: list[str] | None = None) -> int:
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                      max_failures=args.max_failures)
         status = "FINISHED" if result.error is None else "FAILED"
+        if result.error is not None:
+            print(f"error: the run failed: {failure_message(result.error)}", file=sys.stderr, flush=True)
+            return 1
         m = result.metrics or {}
         print(f"done: best val mAP {m.get('best_val_mAP', float('nan')):.4f} (epoch {m.get('best_epoch')}), "
               f"test mAP {m.get('test_mAP', float('nan')):.4f} R1 {m.get('test_R1', float('nan')):.4f}")
-        return 0 if result.error is None else 1
+        return 0
     except KeyboardInterrupt:
         status = "KILLED"
+        if stop.stopped:
+            return 143  # 128 + SIGTERM
         raise
     finally:
-        RunLogger(run_id, settings.tracking_uri).terminate(status)
+        if not stop.stopped:  # a stop already ended the run (first thing, within `ray job stop`'s 3 s)
+            RunLogger(run_id, settings.tracking_uri).terminate(status)
+
+
+class StopHandler:
+    """``ray job stop`` sends SIGTERM to the job's processes and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``).
+
+    On SIGTERM the MLflow runs ``runs()`` returns end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
+    command that continues them, first thing, before the driver unwinds; then ``KeyboardInterrupt`` is raised in
+    the main thread so Ray's and Tune's own cleanup runs in whatever time is left.
+    """
+
+    def __init__(self, resume: str, runs: Callable[[], list[RunLogger]]) -> None:
+        self.resume, self.runs, self.stopped = resume, runs, False
+
+    def install(self) -> StopHandler:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            for run in self.runs():
+                run.set_tags({"stmi.resume": self.resume})
+                run.terminate("KILLED")
+            print(f"stopped: the MLflow run(s) ended KILLED; continue with: {self.resume}", file=sys.stderr,
+                  flush=True)
+        except Exception as e:  # never mask the stop itself
+            print(f"stopped; MLflow not updated ({e}); continue with: {self.resume}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
 
 
 def _ensure_demo_data(cfg: STMIConfig) -> STMIConfig:
