@@ -35,7 +35,7 @@ from orchestration import tracking
 from orchestration.demo_data import ensure_demo_dataset
 from orchestration.search_space import SearchSpace, SearchSpaceError, load_search_space
 from orchestration.settings import PlatformSettings, SettingsError
-from orchestration.train import EXPORT_DIR, EXPORT_FILE, StopHandler, check_data_root, fit
+from orchestration.train import EXPORT_DIR, EXPORT_FILE, StopHandler, check_data_root, failure_message, fit
 from stmi.config import DATASETS, ConfigError, STMIConfig, apply_overrides, flatten, parse_assignments
 from stmi.recipes import recipe
 
@@ -92,6 +92,7 @@ def trial_config(spec: SweepSpec, config: dict[str, Any]) -> STMIConfig:
 
 def train_driver(config: dict[str, Any]) -> None:
     """One Tune trial: build and fit a ``TorchTrainer`` whose rank 0 logs into the trial's MLflow child run."""
+    import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -113,12 +114,14 @@ def train_driver(config: dict[str, Any]) -> None:
     # of the resolved config, with what the data decides (num_classes, num_cameras).
     flat = flatten(cfg)
     logger.log_params({k: flat[k] for k in spec.space.trial_overrides(config)})
-    result = fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id,
-                 workers=spec.workers, cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
-                 max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
-    logger.terminate("FINISHED" if result.error is None else "FAILED")
-    if result.error is not None:
-        raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+    try:
+        fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id, workers=spec.workers,
+            cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
+            max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
+    except ray.train.TrainingFailedError as e:
+        logger.terminate("FAILED")
+        raise RuntimeError(f"trial {trial_id} failed: {failure_message(e)}") from None
+    logger.terminate("FINISHED")
 
 
 # --------------------------------------------------------------------------------------------------- sweep level
@@ -221,7 +224,9 @@ def finish_dataset(spec: SweepSpec, results: Any, metric: str, mode: str) -> dic
     _log_summary(parent, rows, ss, metric, mode)
     scored = [r for r in rows if _finite(r.get(metric)) and r["status"] != "FAILED" and r["run_id"]]
     if not scored:
-        print(f"[{spec.dataset}] no trial produced {metric}: nothing to register", flush=True)
+        why = next((failure_message(r.error) for r in results if r.error is not None), None)
+        print(f"[{spec.dataset}] no trial produced {metric}: nothing to register"
+              + (f"; the first failure: {why}" if why else ""), flush=True)
         return None
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
     parent.log_params({f"best.{k}": best[k] for k in (list(ss.params) or ["variant"]) if k in best})

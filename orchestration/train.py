@@ -220,18 +220,18 @@ def no_retry_on_data_error() -> Any:
 
 
 def failure_message(error: BaseException) -> str:
-    """One line for a failed run: a ``DatasetError``'s message (it names the file and the fix) when one caused it."""
+    """One line for a failed run: a ``DatasetError``'s message (it names the file and the fix) when one caused it,
+    else the first line of the innermost cause (Ray wraps errors in controller / task errors)."""
     from stmi.data.datasets import DatasetError
 
-    seen: set[int] = set()
+    chain: list[BaseException] = []
     e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, DatasetError):
-            return str(e).strip().splitlines()[0]
-        e = getattr(e, "controller_failure", None) or e.__cause__
-    lines = [ln for ln in str(error).splitlines() if ln.strip()]
-    return lines[0].strip() if lines else type(error).__name__
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
+    found = next((c for c in chain if isinstance(c, DatasetError)), chain[-1])
+    lines = [ln.strip() for ln in str(found).splitlines() if ln.strip()]
+    return lines[0] if lines else type(found).__name__
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         raw if args.name else [*raw, "--name", name])
     stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()
     import ray
+    import ray.train
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     status = "FAILED"
@@ -321,14 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(cfg, name, settings=settings, run_id=run_id, workers=args.workers,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                      max_failures=args.max_failures)
-        status = "FINISHED" if result.error is None else "FAILED"
-        if result.error is not None:
-            print(f"error: the run failed: {failure_message(result.error)}", file=sys.stderr, flush=True)
-            return 1
+        status = "FINISHED"
         m = result.metrics or {}
         print(f"done: best val mAP {m.get('best_val_mAP', float('nan')):.4f} (epoch {m.get('best_epoch')}), "
               f"test mAP {m.get('test_mAP', float('nan')):.4f} R1 {m.get('test_R1', float('nan')):.4f}")
         return 0
+    except ray.train.TrainingFailedError as e:  # Ray has printed the workers' tracebacks; the reason comes last
+        print(f"error: the run failed: {failure_message(e)}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         status = "KILLED"
         if stop.stopped:
