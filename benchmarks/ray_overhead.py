@@ -3,14 +3,14 @@
 Both sides train the demo recipe (``stmi-tiny``) on the same synthetic RGBNT201, with the same seed, config, number
 of steps, torch thread count and DataLoader workers (the recipe's 0):
 
-- ``plain``: this process builds the loaders, model, optimiser and schedule exactly as
-  :func:`orchestration.train.train_fn_per_worker` does and calls :func:`stmi.engine.train_one_epoch` per epoch,
-  then evaluates once (validation + test) as the worker does after its last epoch. It runs once before and once
-  after the Ray run and the epoch figures pool both, so a load change on a shared machine shows (and averages out).
+- ``plain``: this process calls what :func:`orchestration.train.train_fn_per_worker` calls,
+  :func:`stmi.engine.prepare_run` and :func:`stmi.engine.fit`, without its Ray and MLflow callbacks. It runs once
+  before and once after the Ray run and the epoch figures pool both, so a load change on a shared machine shows
+  (and averages out).
 - ``ray``: :func:`orchestration.train.fit` with ``workers=1`` on a local Ray started here (local storage, no S3, no
   MLflow), i.e. OUR worker function on a ``TorchTrainer``: per epoch it also writes a checkpoint through Ray's
-  storage and reports. Evaluation is set to the last epoch only (``optim.eval_every = epochs``) so it is not in
-  the epochs being compared.
+  storage and reports. On both sides evaluation is set to the last epoch only (``optim.eval_every = epochs``) so it
+  is not in the epochs being compared.
 
 Figures (epochs 2..N, i.e. without the first epoch's warm-up, median):
 
@@ -38,7 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -74,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_config(root: Path, epochs: int) -> STMIConfig:
-    """The demo recipe on ``root`` for ``epochs`` epochs, evaluating only after the last one."""
+    """The demo recipe on ``root`` for ``epochs`` epochs, validating only after the last one."""
     from stmi.recipes import recipe
 
     return apply_overrides(recipe("demo", "rgbnt201"), {
@@ -82,34 +81,25 @@ def bench_config(root: Path, epochs: int) -> STMIConfig:
 
 
 def plain_loop(cfg: STMIConfig) -> dict[str, Any]:
-    """The worker function's steps without Ray: same seed, build order, epochs and final evaluation."""
-    from orchestration.train import _tokenizer
-    from stmi.data import build_loaders
-    from stmi.engine import build_optimizer, build_scheduler, seed_everything, train_one_epoch
-    from stmi.eval import evaluate
-    from stmi.model import build_model
+    """The worker's training without Ray: the same :func:`stmi.engine.prepare_run` and :func:`stmi.engine.fit`
+    (same seed, build order, epochs, validation and final test), with no checkpoint, report or MLflow callback."""
+    from stmi.engine import Callback, fit, prepare_run
+
+    class Collect(Callback):
+        def __init__(self) -> None:
+            self.epochs: list[dict[str, Any]] = []
+
+        def on_epoch_end(self, run: Any, end: Any) -> None:
+            self.epochs.append(end.metrics)
 
     t0 = time.perf_counter()
-    device = torch.device("cpu")
-    seed_everything(cfg.optim.seed)
-    loaders = build_loaders(cfg, _tokenizer(cfg))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, num_classes=loaders.num_classes, num_cameras=loaders.num_cameras if cfg.model.use_sie else 0))
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=len(loaders.train))
+    run = prepare_run(cfg, device=torch.device("cpu"))
     setup = time.perf_counter() - t0
-    epochs: list[dict[str, float]] = []
-    for epoch in range(cfg.optim.epochs):
-        loaders.train_sampler.set_epoch(epoch)
-        epochs.append(train_one_epoch(model, loaders.train, optimizer, scheduler, cfg.loss, device, epoch,
-                                      amp=cfg.optim.amp, progress=False))
-    t_eval = time.perf_counter()
-    if loaders.val_query is not None:
-        evaluate(model, loaders.val_query, loaders.val_gallery, device, use_scenes=loaders.uses_scenes)
-    test = evaluate(model, loaders.query, loaders.gallery, device, use_scenes=loaders.uses_scenes)
+    collect = Collect()
+    fit(run, callbacks=[collect], progress=False)
     end = time.perf_counter()
-    return {"setup_s": setup, "epochs": epochs, "eval_s": end - t_eval, "total_s": end - t0, "test_mAP": test["mAP"]}
+    epochs = [{"time_s": float(m["train_time_s"]), "steps": float(m["train_steps"])} for m in collect.epochs]
+    return {"setup_s": setup, "epochs": epochs, "total_s": end - t0, "test_mAP": collect.epochs[-1]["test_mAP"]}
 
 
 def _report_times_callback(path: Path) -> Any:

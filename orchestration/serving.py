@@ -51,6 +51,9 @@ serving. Three mechanisms give that control over MLflow's scoring server (``mlfl
 
 Unexpected failures inside the model (a bug, out of memory) answer HTTP 500 with a one-line message; the traceback
 goes to the server log only. The limits below bound the memory one request can take.
+
+This module is what runs in the server. Logging a checkpoint as this pyfunc and registering it is
+``orchestration.registry``.
 """
 
 from __future__ import annotations
@@ -64,8 +67,6 @@ import logging
 import os
 import re
 import sys
-from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -97,10 +98,7 @@ MAX_CAPTION_CHARS = 2000
 MAX_MESSAGE_CHARS = 400
 """Length of an error message in a response."""
 CHECKPOINT_ARTIFACT = "checkpoint"
-"""Artifact key of the training checkpoint (``torch.save({"state_dict", "config"})``) in the logged model."""
-REQUIREMENTS: tuple[str, ...] = ("mlflow", "torch", "torchvision", "open_clip_torch", "numpy", "pillow", "pyyaml",
-                                 "tqdm", "scipy")
-"""Distributions pinned (at their installed versions) in the model's requirements."""
+"""Artifact key of the exported checkpoint (``stmi.engine.export_model``) in the logged model."""
 
 _B64_PREFIX = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
 _B64_ALPHABET = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
@@ -309,23 +307,14 @@ class STMIServingModel(mlflow.pyfunc.PythonModel):
         """Build the model from the ``checkpoint`` artifact on CUDA when available, else CPU, in eval mode."""
         import torch
 
-        from stmi.config import from_dict
         from stmi.data.transforms import PairedTransform
-        from stmi.model.stmi import build_model
+        from stmi.engine import build_tokenizer, load_exported_model
 
-        path = context.artifacts[CHECKPOINT_ARTIFACT]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = _load_checkpoint(path)
-        cfg = from_dict(ckpt["config"])
-        # The state dict holds every weight; building with ``pretrained`` set would look for CLIP weights that a
-        # serving host need not have.
-        model_cfg = dataclasses.replace(cfg.model, pretrained=None)
-        model = build_model(model_cfg)
-        model.load_state_dict(ckpt["state_dict"])
-        self.model = model.to(self.device).eval()
-        self.cfg = dataclasses.replace(cfg, model=model_cfg)
-        self.num_cameras = model_cfg.num_cameras if model_cfg.use_sie else 0
-        self.transform = PairedTransform(tuple(model_cfg.image_size), train=False)
+        self.model, self.cfg = load_exported_model(context.artifacts[CHECKPOINT_ARTIFACT], self.device)
+        self.num_cameras = self.cfg.model.num_cameras if self.cfg.model.use_sie else 0
+        self.transform = PairedTransform(tuple(self.cfg.model.image_size), train=False)
+        self.tokenize = build_tokenizer(self.cfg.model)
         _install_one_line_errors()
 
     def predict(self, context: Any, model_input: list[dict[str, Any]],
@@ -345,27 +334,31 @@ class STMIServingModel(mlflow.pyfunc.PythonModel):
         """Preprocess like evaluation and run ``STMI.embed``; rows with and without ``camera`` run as two batches."""
         import torch
 
+        from stmi.data.batch import model_inputs
+
         out: list[list[float] | None] = [None] * len(rows)
         groups = [[i for i, r in enumerate(rows) if r.camera is not None],
                   [i for i, r in enumerate(rows) if r.camera is None]]
         for idx in groups:
             if not idx:
                 continue
-            batch = preprocess([rows[i] for i in idx], self.transform, self.model.tokenize)
+            imgs, kw = model_inputs(preprocess([rows[i] for i in idx], self.transform, self.tokenize), self.device)
             with torch.inference_mode():
-                emb = self.model.embed(**{k: v.to(self.device) if v is not None else None for k, v in batch.items()})
+                emb = self.model.embed(*imgs, **kw)
             for i, e in zip(idx, emb.float().cpu().tolist()):
                 out[i] = e
         return out  # type: ignore[return-value]
 
 
 def preprocess(rows: list[DecodedRow], transform: Any, tokenize: Any) -> dict[str, Any]:
-    """``STMI.embed`` keyword arguments for decoded rows (evaluation transform, tokenized captions).
+    """The batch (a ``TripletDataset`` batch's keys) of decoded rows: evaluation transform, tokenized captions.
+
+    ``stmi.data.batch.model_inputs`` turns it into ``STMI.embed`` arguments, as for an evaluation batch.
 
     Args:
         rows: decoded rows; all with a camera or all without.
         transform: ``PairedTransform(image_size, train=False)``.
-        tokenize: ``STMI.tokenize``.
+        tokenize: ``stmi.engine.build_tokenizer(cfg.model)``.
     """
     import torch
 
@@ -386,22 +379,6 @@ def preprocess(rows: list[DecodedRow], transform: Any, tokenize: Any) -> dict[st
         "text": tokenize([r.caption for r in rows]),
         "camid": torch.tensor(cams, dtype=torch.long) if all(c is not None for c in cams) else None,
     }
-
-
-def _load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``{"state_dict", "config"}`` from a training checkpoint, with an actionable error for anything else."""
-    import torch
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"cannot read STMI checkpoint {path} ({one_line(e, 200)}); pass the checkpoints/best.pt "
-                         f"artifact a training run wrote") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not an STMI training checkpoint: expected keys 'state_dict' and 'config' "
-                         f"(torch.save({{'state_dict': ..., 'config': to_dict(cfg)}})), found {keys}")
-    return ckpt
 
 
 def _install_one_line_errors() -> None:
@@ -493,106 +470,6 @@ def make_example_row(cfg: Any) -> dict[str, Any]:
     return row
 
 
-def read_checkpoint_config(checkpoint_path: str | Path) -> Any:
-    """The ``STMIConfig`` stored in a training checkpoint."""
-    from stmi.config import from_dict
-
-    return from_dict(_load_checkpoint(checkpoint_path)["config"])
-
-
-def _pip_requirements() -> list[str]:
-    """The model's runtime distributions pinned to the installed versions (no slow requirement inference)."""
-    reqs = []
-    for name in REQUIREMENTS:
-        try:
-            reqs.append(f"{name}=={importlib_metadata.version(name)}")
-        except importlib_metadata.PackageNotFoundError:
-            reqs.append(name)
-    return reqs
-
-
-def _code_paths() -> list[str]:
-    """The ``stmi`` and ``orchestration`` packages, copied with the model so its code matches its weights."""
-    import orchestration
-    import stmi
-
-    return [str(Path(stmi.__file__).parent), str(Path(orchestration.__file__).parent)]
-
-
-def log_model(checkpoint_path: str | Path, name: str = "model", registered_model_name: str | None = None,
-              input_example: list[dict[str, Any]] | None = None, run_id: str | None = None) -> Any:
-    """Log a training checkpoint as the STMI pyfunc (signature from the type hints, an input example).
-
-    The checkpoint becomes the model artifact ``checkpoint``; the ``stmi`` and ``orchestration`` packages are
-    logged as ``code_paths`` so the served code is the code that trained the weights (``--env-manager local``
-    then needs only the third-party packages of the venv).
-
-    Args:
-        checkpoint_path: ``torch.save({"state_dict": ..., "config": to_dict(cfg)})`` file (``checkpoints/best.pt``).
-        name: model name inside the run.
-        registered_model_name: also register under this name (see :func:`register_champion` for the alias).
-        input_example: rows for the example; default one :func:`make_example_row` row.
-        run_id: log into this run (resumed and left in its previous status); default the active run.
-
-    Returns:
-        MLflow's ``ModelInfo`` (``model_uri`` for :func:`register_champion`).
-
-    Raises:
-        ValueError: no run to log into, or a checkpoint that is not an STMI training checkpoint.
-    """
-    checkpoint_path = Path(checkpoint_path)
-    cfg = read_checkpoint_config(checkpoint_path)
-    if input_example is None:
-        input_example = [make_example_row(cfg)]
-    kwargs: dict[str, Any] = dict(
-        name=name,
-        python_model=STMIServingModel(),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
-        code_paths=_code_paths(),
-        input_example=input_example,
-        pip_requirements=_pip_requirements(),
-        registered_model_name=registered_model_name,
-        metadata={"stmi_image_size": list(cfg.model.image_size), "stmi_num_cameras": cfg.model.num_cameras,
-                  "stmi_recipe": cfg.recipe, "stmi_dataset": cfg.data.dataset},
-    )
-    active = mlflow.active_run()
-    if run_id is None:
-        if active is None:
-            raise ValueError("log_model needs a run: call it inside `with mlflow.start_run():` or pass run_id")
-        return mlflow.pyfunc.log_model(**kwargs)
-    if active is not None:
-        if active.info.run_id != run_id:
-            raise ValueError(f"log_model(run_id={run_id!r}) while run {active.info.run_id} is active; end it or "
-                             f"omit run_id")
-        return mlflow.pyfunc.log_model(**kwargs)
-    client = mlflow.MlflowClient()
-    status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(**kwargs)
-    if status != "RUNNING":
-        client.set_terminated(run_id, status=status)
-    return info
-
-
-def register_champion(model: str, dataset: str, alias: str = "champion") -> int:
-    """Register a logged model as ``stmi-<dataset>`` and point ``alias`` at the new version.
-
-    Args:
-        model: a model URI (``ModelInfo.model_uri``, ``runs:/<run>/<name>``, ``models:/...``) or a run id whose
-            model was logged under the name ``model``.
-        dataset: dataset name (``rgbnt201`` ...): the registered name is ``stmi-<dataset>``.
-        alias: the alias to move (default ``champion``, what ``models:/stmi-<dataset>@champion`` serves).
-
-    Returns:
-        The new model version number.
-    """
-    uri = model if "/" in model or ":" in model else f"runs:/{model}/model"
-    name = f"stmi-{dataset}"
-    mv = mlflow.register_model(uri, name)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, mv.version)
-    return int(mv.version)
-
-
 def example_request(cfg: Any) -> str:
     """The JSON body of a one-row request (for docs and smoke tests)."""
     import json
@@ -603,5 +480,5 @@ def example_request(cfg: Any) -> str:
 __all__ = [
     "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_ROWS", "MAX_CAPTION_CHARS", "FRAME_MODES", "MASK_MODES",
     "STMIServingModel", "ServingInputError", "ServingInternalError", "decode_image", "encode_image", "example_request",
-    "log_model", "make_example_row", "parse_rows", "preprocess", "read_checkpoint_config", "register_champion",
+    "make_example_row", "parse_rows", "preprocess",
 ]

@@ -17,16 +17,27 @@ the same Tune experiments, the same Ray Train runs (from their last checkpoints)
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import functools
 import logging
 import math
+import os
+import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from stmi.config import DATASETS, STMIConfig, apply_overrides, flatten
+from orchestration import tracking
+from orchestration.demo_data import ensure_demo_dataset
+from orchestration.search_space import SearchSpace, SearchSpaceError, load_search_space
+from orchestration.settings import PlatformSettings, SettingsError
+from orchestration.train import EXPORT_DIR, EXPORT_FILE, StopHandler, check_data_root, failure_message, fit
+from stmi.config import DATASETS, ConfigError, STMIConfig, apply_overrides, flatten, parse_assignments
+from stmi.recipes import recipe
 
 log = logging.getLogger("stmi.sweep")
 
@@ -61,32 +72,34 @@ class SweepSpec:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """``--set`` config overrides for every trial (applied before the search space's values)."""
 
+    @functools.cached_property
+    def space(self) -> SearchSpace:
+        """The search space, read once per process (the spec travels to trial processes as a dict)."""
+        return load_search_space(self.search_space)
+
+    def platform(self) -> PlatformSettings:
+        """The platform settings of the sweep (credentials from this process's environment)."""
+        return PlatformSettings.from_env(argparse.Namespace(**self.settings))
+
 
 # --------------------------------------------------------------------------------------------------- trial level
 def trial_config(spec: SweepSpec, config: dict[str, Any]) -> STMIConfig:
     """The resolved config of one trial: recipe, data root, epochs, the space's fixed values, the trial's values."""
-    from orchestration.search_space import load_search_space
-    from stmi.recipes import recipe
-
-    ss = load_search_space(spec.search_space)
     overrides = {"data.root": spec.data_root, "optim.epochs": spec.max_epochs, **spec.overrides,
-                 **ss.trial_overrides(config)}
+                 **spec.space.trial_overrides(config)}
     return apply_overrides(recipe(spec.recipe, spec.dataset), overrides)
 
 
 def train_driver(config: dict[str, Any]) -> None:
     """One Tune trial: build and fit a ``TorchTrainer`` whose rank 0 logs into the trial's MLflow child run."""
+    import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestration import tracking
-    from orchestration.settings import PlatformSettings
-    from orchestration.train import fit
 
     spec = SweepSpec(**config["_sweep"])
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(spec, config)
-    settings = PlatformSettings.from_env(argparse.Namespace(**spec.settings))
+    settings = spec.platform()
     cl = tracking.client(settings.tracking_uri)
     label = config.get("variant") or trial_id
     run_id = tracking.get_or_create_run(
@@ -95,20 +108,20 @@ def train_driver(config: dict[str, Any]) -> None:
         tags={"stmi.sweep": spec.name, "stmi.dataset": spec.dataset, "stmi.trial_id": trial_id,
               **({"stmi.variant": config["variant"]} if config.get("variant") else {})})
     logger = tracking.RunLogger(run_id, settings.tracking_uri)
-    starts = int(cl.get_run(run_id).data.tags.get("stmi.driver_starts", "0")) + 1
+    starts = int(logger.tags().get("stmi.driver_starts", "0")) + 1
     logger.set_tags({"stmi.driver_starts": starts})  # > 1: the trial was resumed (never for finished trials)
     # The trial's own values now (visible even if it is stopped before a worker starts); the workers add the rest
     # of the resolved config, with what the data decides (num_classes, num_cameras).
-    from orchestration.search_space import load_search_space
-
     flat = flatten(cfg)
-    logger.log_params({k: flat[k] for k in load_search_space(spec.search_space).trial_overrides(config)})
-    result = fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id,
-                 workers=spec.workers, cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
-                 max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
-    logger.terminate("FINISHED" if result.error is None else "FAILED")
-    if result.error is not None:
-        raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+    logger.log_params({k: flat[k] for k in spec.space.trial_overrides(config)})
+    try:
+        fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id, workers=spec.workers,
+            cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
+            max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
+    except ray.train.TrainingFailedError as e:
+        logger.terminate("FAILED")
+        raise RuntimeError(f"trial {trial_id} failed: {failure_message(e)}") from None
+    logger.terminate("FINISHED")
 
 
 # --------------------------------------------------------------------------------------------------- sweep level
@@ -118,11 +131,8 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestration.search_space import load_search_space
-    from orchestration.settings import PlatformSettings
-
-    ss = load_search_space(spec.search_space)
-    settings = PlatformSettings.from_env(argparse.Namespace(**spec.settings))
+    ss = spec.space
+    settings = spec.platform()
     trainable = ray.tune.with_resources(train_driver, {"CPU": TRIAL_DRIVER_CPUS})
     storage_path = f"{settings.ray_storage_path}/sweeps/{spec.name}"
     fs = settings.storage_filesystem()
@@ -164,8 +174,6 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
 
 def _recipe_point(spec: SweepSpec, ss: Any) -> dict[str, Any]:
     """The recipe's own values of the searched fields (the paper's values for the six hyperparameters)."""
-    from stmi.recipes import recipe
-
     flat = flatten(recipe(spec.recipe, spec.dataset))
     point = {}
     for name, p in ss.params.items():
@@ -194,10 +202,7 @@ def default_max_concurrent(workers: int, cpus_per_worker: float, gpus_per_worker
 
 def finish_dataset(spec: SweepSpec, results: Any, metric: str, mode: str) -> dict[str, Any] | None:
     """After Tune: trial statuses in MLflow, Optuna plots and the summary on the parent, the champion model."""
-    from orchestration import tracking
-    from orchestration.search_space import load_search_space
-
-    ss = load_search_space(spec.search_space)
+    ss = spec.space
     cl = tracking.client(spec.settings["tracking_uri"])
     parent = tracking.RunLogger(spec.parent_run_id, spec.settings["tracking_uri"])
     rows = []
@@ -208,7 +213,7 @@ def finish_dataset(spec: SweepSpec, results: Any, metric: str, mode: str) -> dic
         reached_end = m.get("training_iteration", 0) >= spec.max_epochs
         status = "FAILED" if r.error is not None else "FINISHED" if reached_end else "KILLED"
         if run is not None and run.info.status != status:
-            cl.set_terminated(run.info.run_id, status=status)
+            tracking.RunLogger(run.info.run_id, spec.settings["tracking_uri"]).terminate(status)
         row = {"trial_id": trial_id, "status": status, "run_id": run.info.run_id if run else "",
                "epochs": m.get("training_iteration", 0)}
         row.update({k: r.config.get(k) for k in ss.params} if ss.kind == "optuna" else
@@ -219,33 +224,27 @@ def finish_dataset(spec: SweepSpec, results: Any, metric: str, mode: str) -> dic
     _log_summary(parent, rows, ss, metric, mode)
     scored = [r for r in rows if _finite(r.get(metric)) and r["status"] != "FAILED" and r["run_id"]]
     if not scored:
-        print(f"[{spec.dataset}] no trial produced {metric}: nothing to register", flush=True)
+        why = next((failure_message(r.error) for r in results if r.error is not None), None)
+        print(f"[{spec.dataset}] no trial produced {metric}: nothing to register"
+              + (f"; the first failure: {why}" if why else ""), flush=True)
         return None
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
     parent.log_params({f"best.{k}": best[k] for k in (list(ss.params) or ["variant"]) if k in best})
     parent.log_params({"best.trial_id": best["trial_id"], "best.run_id": best["run_id"]})
     parent.log_metrics({f"best_{k}": best[k] for k in ("best_val_mAP", "test_mAP", "test_R1", "test_R5", "test_R10")
                         if _finite(best.get(k))})
-    version = register_champion(spec, best["run_id"], parent)
-    best["model_version"] = version
+    best["model_version"] = str(_register_best(spec, best["run_id"], parent))
     return best
 
 
-def register_champion(spec: SweepSpec, trial_run_id: str, parent: Any) -> str:
-    """Log the best trial's checkpoint as a pyfunc on the parent run; register ``stmi-<dataset>@champion``."""
-    import mlflow
+def _register_best(spec: SweepSpec, trial_run_id: str, parent: tracking.RunLogger) -> int:
+    """The best trial's exported weights as the pyfunc on the parent run, registered as ``stmi-<dataset>@champion``."""
+    from orchestration import registry  # MLflow's pyfunc machinery: only where a model is registered
 
-    from orchestration import serving
-
+    trial = tracking.RunLogger(trial_run_id, spec.settings["tracking_uri"])
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = mlflow.artifacts.download_artifacts(run_id=trial_run_id, artifact_path="checkpoints/best.pt",
-                                                   dst_path=tmp, tracking_uri=spec.settings["tracking_uri"])
-        mlflow.set_tracking_uri(spec.settings["tracking_uri"])
-        with mlflow.start_run(run_id=spec.parent_run_id):
-            info = serving.log_model(ckpt, name="champion", registered_model_name=None)
-        version = serving.register_champion(info.model_uri, spec.dataset)
-    parent.set_tags({"stmi.champion_version": version, "stmi.champion_trial_run": trial_run_id})
-    return str(version)
+        ckpt = trial.download_artifact(f"{EXPORT_DIR}/{EXPORT_FILE}", tmp)
+        return registry.register_champion(ckpt, spec.dataset, parent, source_run_id=trial_run_id).version
 
 
 def _finite(v: Any) -> bool:
@@ -254,8 +253,6 @@ def _finite(v: Any) -> bool:
 
 def _log_summary(parent: Any, rows: list[dict[str, Any]], ss: Any, metric: str, mode: str) -> None:
     """Summary table (MLflow table + CSV) and Optuna's importance and history plots on the parent run."""
-    import csv
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trials.csv"
         keys = list(rows[0]) if rows else ["trial_id"]
@@ -264,7 +261,7 @@ def _log_summary(parent: Any, rows: list[dict[str, Any]], ss: Any, metric: str, 
             w.writeheader()
             w.writerows(rows)
         parent.log_artifact(path, "summary")
-        parent.client.log_table(parent.run_id, {k: [r.get(k) for r in rows] for k in keys}, "summary/trials.json")
+        parent.log_table({k: [r.get(k) for r in rows] for k in keys}, "summary/trials.json")
         if ss.kind != "optuna":
             return
         try:
@@ -310,8 +307,6 @@ def _optuna_plots(rows: list[dict[str, Any]], ss: Any, metric: str, mode: str, o
 
 # --------------------------------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    from orchestration.settings import PlatformSettings
-
     p = argparse.ArgumentParser(
         prog="python orchestration/sweep.py",
         description="Search STMI's hyperparameters with Ray Tune + Optuna (+ ASHA) on one or more datasets; runs, "
@@ -357,15 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
 
-    from orchestration import tracking
-    from orchestration.search_space import SearchSpaceError, load_search_space
-    from orchestration.settings import PlatformSettings, SettingsError
-    from stmi.config import ConfigError
-    from stmi.recipes import recipe
-
     try:
         ss = load_search_space(args.search_space)
         overrides = _parse_overrides(args.overrides)
+        for dataset in args.datasets if args.data_root else ():
+            check_data_root(dataset, str(Path(args.data_root).expanduser().absolute()))
         settings = PlatformSettings.from_env(args)
         settings.check_storage()
         if args.preset == "paper" and not args.data_root:
@@ -378,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cl = tracking.client(settings.tracking_uri)
     experiment = f"stmi-{name}"
-    exists = cl.get_experiment_by_name(experiment) is not None
+    exists = tracking.find_experiment(cl, experiment) is not None
     if exists and not args.resume:
         print(f"error: sweep {name!r} exists (MLflow experiment {experiment!r}); pass --resume to continue it or "
               "choose another --name", file=sys.stderr)
@@ -387,6 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {name!r}: MLflow experiment {experiment!r} at {settings.tracking_uri}; search space {ss.path.name} "
           f"({ss.kind}); datasets {', '.join(args.datasets)}", flush=True)
 
+    resume = "ray job submit -- python orchestration/sweep.py " + shlex.join(
+        [*raw, *([] if args.name else ["--name", name]), *([] if args.resume else ["--resume"])])
+    current: list[tracking.RunLogger] = []  # the dataset's parent run while its Tune experiment runs
+
+    def runs_to_stop() -> list[tracking.RunLogger]:
+        children = [tracking.RunLogger(r, settings.tracking_uri) for p in current
+                    for r in tracking.running_children(cl, exp_id, p.run_id)]
+        return [*children, *current]
+
+    stop = StopHandler(resume, runs_to_stop).install()
     import ray
 
     ray.init(ignore_reinit_error=True)
@@ -394,58 +395,61 @@ def main(argv: list[str] | None = None) -> int:
                                                                    args.gpus_per_worker)
     summary = {}
     failed = False
-    for dataset in args.datasets:
-        data_root = _data_root(args, dataset)
-        max_epochs = args.max_epochs or recipe(args.recipe, dataset).optim.epochs
-        parent_key = f"sweep/{name}/{dataset}"
-        parent_id = tracking.get_or_create_run(cl, exp_id, parent_key, dataset,
-                                               tags={"stmi.sweep": name, "stmi.dataset": dataset,
-                                                     "stmi.role": "parent"})
-        parent = tracking.RunLogger(parent_id, settings.tracking_uri)
-        if cl.get_run(parent_id).data.tags.get("stmi.sweep_done") == "true":
-            print(f"[{dataset}] already finished in a previous run of this sweep: skipped", flush=True)
-            continue
-        spec = SweepSpec(name=name, dataset=dataset, recipe=args.recipe, data_root=data_root,
-                         search_space=str(ss.path), max_epochs=max_epochs, workers=args.workers_per_trial,
-                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                         max_failures=args.max_failures, experiment_id=exp_id, parent_run_id=parent_id,
-                         overrides=overrides,
-                         settings={"s3_endpoint": settings.s3_endpoint, "bucket": settings.bucket,
-                                   "prefix": settings.prefix, "tracking_uri": settings.tracking_uri})
-        parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
-                           "sweep.num_samples": args.num_samples, "sweep.max_epochs": max_epochs,
-                           "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
-                           "sweep.max_concurrent": max_concurrent})
-        parent.log_artifact(ss.path, "search_space")
-        print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
-              f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
-        tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
-        results = tuner.fit()
-        best = finish_dataset(spec, results, ss.metric, ss.mode)
-        if best is None:
-            parent.terminate("FAILED")
-            failed = True
-            continue
-        summary[dataset] = best
-        parent.set_tags({"stmi.sweep_done": "true"})
-        parent.terminate("FINISHED")
-        print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
-              f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
-              f"{best['model_version']} as @champion", flush=True)
-    print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
-          flush=True)
+    try:
+        for dataset in args.datasets:
+            data_root = _data_root(args, dataset)
+            max_epochs = args.max_epochs or recipe(args.recipe, dataset).optim.epochs
+            parent_key = f"sweep/{name}/{dataset}"
+            parent_id = tracking.get_or_create_run(cl, exp_id, parent_key, dataset,
+                                                   tags={"stmi.sweep": name, "stmi.dataset": dataset,
+                                                         "stmi.role": "parent"})
+            parent = tracking.RunLogger(parent_id, settings.tracking_uri)
+            if parent.tags().get("stmi.sweep_done") == "true":
+                print(f"[{dataset}] already finished in a previous run of this sweep: skipped", flush=True)
+                continue
+            current[:] = [parent]
+            spec = SweepSpec(name=name, dataset=dataset, recipe=args.recipe, data_root=data_root,
+                             search_space=str(ss.path), max_epochs=max_epochs, workers=args.workers_per_trial,
+                             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                             max_failures=args.max_failures, experiment_id=exp_id, parent_run_id=parent_id,
+                             overrides=overrides,
+                             settings={"s3_endpoint": settings.s3_endpoint, "bucket": settings.bucket,
+                                       "prefix": settings.prefix, "tracking_uri": settings.tracking_uri})
+            parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
+                               "sweep.num_samples": args.num_samples, "sweep.max_epochs": max_epochs,
+                               "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
+                               "sweep.max_concurrent": max_concurrent})
+            parent.log_artifact(ss.path, "search_space")
+            print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
+                  f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
+            tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
+            results = tuner.fit()
+            best = finish_dataset(spec, results, ss.metric, ss.mode)
+            current.clear()
+            if best is None:
+                parent.terminate("FAILED")
+                failed = True
+                continue
+            summary[dataset] = best
+            parent.set_tags({"stmi.sweep_done": "true"})
+            parent.terminate("FINISHED")
+            print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
+                  f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
+                  f"{best['model_version']} as @champion", flush=True)
+        print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
+              flush=True)
+    except KeyboardInterrupt:
+        if stop.stopped:
+            return 143  # 128 + SIGTERM: `ray job stop`
+        raise
     return 1 if failed else 0
 
 
 def _quiet_logging() -> None:
     """Our INFO lines; libraries' (open_clip, MLflow) warnings only. Tune's compact table (see build_tuner)."""
-    import os
-
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("stmi").setLevel(logging.INFO)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours our column selection
-    import warnings
-
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     try:
         from optuna.exceptions import ExperimentalWarning
@@ -457,8 +461,6 @@ def _quiet_logging() -> None:
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["model.K=8", ...]`` -> checked overrides (an unknown field or a wrong type fails before anything starts)."""
-    from stmi.config import STMIConfig, parse_assignments
-
     flat = parse_assignments(items)
     checked = flatten(apply_overrides(STMIConfig(), flat))
     return {k: checked[k] for k in flat}
@@ -471,8 +473,6 @@ def _fmt(v: Any) -> str:
 def _data_root(args: argparse.Namespace, dataset: str) -> str:
     if args.data_root:
         return str(Path(args.data_root).expanduser().absolute())
-    from orchestration.demo_data import ensure_demo_dataset
-
     print(f"[{dataset}] synthetic demo data (generated on first use)...", flush=True)
     return str(ensure_demo_dataset(dataset))
 

@@ -33,6 +33,11 @@ def client(tracking_uri: str | None = None) -> Any:
     return MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
 
+def find_experiment(cl: Any, name: str) -> Any | None:
+    """Experiment ``name`` (active or deleted), or None."""
+    return cl.get_experiment_by_name(name)
+
+
 def get_or_create_experiment(cl: Any, name: str) -> str:
     """The id of experiment ``name``, created when absent (restored when deleted)."""
     exp = cl.get_experiment_by_name(name)
@@ -47,6 +52,13 @@ def find_run(cl: Any, experiment_id: str, run_key: str) -> Any | None:
     """The run tagged with ``run_key`` in the experiment, or None."""
     runs = cl.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=2)
     return runs[0] if runs else None
+
+
+def running_children(cl: Any, experiment_id: str, parent_run_id: str) -> list[str]:
+    """Ids of the RUNNING child runs of ``parent_run_id`` (a sweep's trials still in progress)."""
+    runs = cl.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                         f"attributes.status = 'RUNNING'", max_results=1000)
+    return [r.info.run_id for r in runs]
 
 
 def get_or_create_run(cl: Any, experiment_id: str, run_key: str, run_name: str, parent_run_id: str | None = None,
@@ -95,11 +107,6 @@ class RunLogger:
     def _server_last_step(self) -> int:
         history = self.client.get_metric_history(self.run_id, STEP_METRIC)
         return max((m.step for m in history), default=-1)
-
-    @property
-    def last_step(self) -> int:
-        """The highest epoch step already on the server (-1 when none)."""
-        return self._last_step
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params not yet on the run (a resumed run keeps its params; a value never changes)."""
@@ -160,13 +167,6 @@ class RunLogger:
             parent = str(Path(artifact_file).parent)
             self.log_artifact(p, None if parent == "." else parent)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / Path(artifact_file).name
-            p.write_text(redact(text))
-            parent = str(Path(artifact_file).parent)
-            self.log_artifact(p, None if parent == "." else parent)
-
     def start_system_metrics(self, interval_s: float = 5.0) -> None:
         """CPU/memory/(GPU) metrics of this process's node, as MLflow system metrics."""
         try:
@@ -192,6 +192,59 @@ class RunLogger:
         self.stop_system_metrics()
         self.client.set_terminated(self.run_id, status=status)
 
+
+    # ---- reads and model logging for drivers (sweep.py, orchestration.registry)
+    def tags(self) -> dict[str, str]:
+        """The run's tags as they are on the server now."""
+        return dict(self.client.get_run(self.run_id).data.tags)
+
+    def metrics(self) -> dict[str, float]:
+        """The run's latest metric values as they are on the server now."""
+        return dict(self.client.get_run(self.run_id).data.metrics)
+
+    def log_table(self, data: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """A column-wise table artifact (the MLflow UI shows it in the run's evaluation view)."""
+        self.client.log_table(self.run_id, dict(data), artifact_file)
+
+    def download_artifact(self, artifact_path: str, dst: str | Path) -> Path:
+        """Download one artifact of the run into the folder ``dst``; returns its local path."""
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def log_pyfunc(self, **kwargs: Any) -> Any:
+        """``mlflow.pyfunc.log_model(**kwargs)`` into this run; returns MLflow's ``ModelInfo``.
+
+        Inside an active fluent run with this id it logs there; otherwise the run is resumed for the call and then
+        set back to the status it had (a RUNNING sweep parent stays RUNNING, a FINISHED run stays FINISHED).
+        """
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            if active.info.run_id != self.run_id:
+                raise ValueError(f"log_pyfunc into run {self.run_id} while run {active.info.run_id} is active; end "
+                                 f"it first")
+            return mlflow.pyfunc.log_model(**kwargs)
+        status = self.client.get_run(self.run_id).info.status
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(**kwargs)
+        if status == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        elif status != "FINISHED":
+            self.client.set_terminated(self.run_id, status=status)
+        return info
+
+    def register_model(self, model_uri: str, name: str, alias: str) -> int:
+        """Register a model this run logged as a new version of ``name`` and point ``alias`` at it."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        version = mlflow.register_model(model_uri, name)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return int(version.version)
 
 def _now_ms() -> int:
     import time

@@ -2,7 +2,9 @@
 
 Three levels, as Ray's own examples: :func:`train_fn_per_worker` runs on every DDP rank; :func:`fit` builds and fits a
 ``TorchTrainer`` (called by :func:`main` for a single run and by a Tune trial driver in ``sweep.py``); :func:`main`
-is the command line.
+is the command line. The training loop itself (validation cadence, best-weights selection, the final test,
+checkpoint contents) is :func:`stmi.engine.fit`; this module adds DDP, Ray's checkpoint storage and MLflow to it
+through two callbacks, :class:`RayReport` and :class:`MlflowLog`.
 
 Fault tolerance: every epoch rank 0 writes a checkpoint (model, optimizer, scheduler, sampler epoch, RNG states,
 config, the epoch-metric history and the best weights so far) through Ray's storage to S3. When a worker dies Ray
@@ -18,189 +20,141 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import shlex
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stmi.config import DATASETS, STMIConfig, apply_overrides, flatten, from_dict, parse_assignments, to_dict
+from orchestration import tracking
+from orchestration.settings import PlatformSettings, SettingsError
+from orchestration.tracking import RunLogger
+from stmi.callbacks import Callback, EpochEnd
+from stmi.config import (
+    DATASETS,
+    ConfigError,
+    STMIConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    parse_assignments,
+    to_dict,
+)
 
+if TYPE_CHECKING:
+    from stmi.engine import TrainingRun
+
+# stmi.engine (torch, open_clip) is imported where it runs, in the workers, so --help and argument errors are instant.
 log = logging.getLogger("stmi.train")
-STATE_FILE = "state.pt"
-BEST_FILE = "best_model.pt"
+EXPORT_DIR, EXPORT_FILE = "checkpoints", "best.pt"
+"""Where a run's exported best weights (``stmi.engine.export_model``) go in MLflow: ``checkpoints/best.pt``."""
 
 
 # --------------------------------------------------------------------------------------------------- worker level
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """The training loop on every DDP rank.
+    """The training loop on every DDP rank: :func:`stmi.engine.fit` with Ray checkpoints/reports and MLflow logging.
 
     Args:
         config: ``{"stmi": <to_dict(STMIConfig)>, "run_id": <MLflow run id or None>, "tracking_uri": ...}``.
     """
     import ray.train
     import ray.train.torch
-    import torch
 
-    from stmi.data import build_loaders
-    from stmi.engine import (
-        build_optimizer,
-        build_scheduler,
-        checkpoint_state,
-        restore_state,
-        seed_everything,
-        train_one_epoch,
-    )
-    from stmi.eval import evaluate
-    from stmi.model import build_model
+    from stmi import engine
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = from_dict(config["stmi"])
-    device = ray.train.torch.get_device()
-    seed_everything(cfg.optim.seed + rank)
 
-    tokenizer = _tokenizer(cfg)
-    loaders = build_loaders(cfg, tokenizer, rank=rank, world_size=world)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, num_classes=loaders.num_classes, num_cameras=loaders.num_cameras if cfg.model.use_sie else 0))
-    model = build_model(cfg.model)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    core = model.module if hasattr(model, "module") else model
-    optimizer = build_optimizer(core, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=len(loaders.train))
+    def ddp(model: Any, cfg: STMIConfig) -> Any:
+        kwargs = {"find_unused_parameters": engine.find_unused_parameters(cfg)}
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
 
-    start_epoch, history, best = 0, [], {"val_mAP": -1.0, "epoch": -1}
-    best_weights: dict[str, Any] | None = None
+    run = engine.prepare_run(from_dict(config["stmi"]), rank=rank, world_size=world,
+                             device=ray.train.torch.get_device(), wrap_model=ddp)
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            start_epoch = restore_state(state, core, optimizer, scheduler, generator=loaders.train.generator)
-            history, best = state["extra"]["history"], state["extra"]["best"]
-            if (Path(d) / BEST_FILE).exists():
-                best_weights = torch.load(Path(d) / BEST_FILE, map_location="cpu", weights_only=True)
-        log.info("rank %d resumed from %s at epoch %d", rank, checkpoint.path, start_epoch)
-
-    tracker = _rank0_tracker(config, rank)
+            state = engine.load_fit_checkpoint(run, d)
+        log.info("rank %d resumed from %s at epoch %d", rank, checkpoint.path, state.epoch)
+    callbacks: list[Callback] = [RayReport()]
+    tracker = RunLogger(config["run_id"], config.get("tracking_uri")) if rank == 0 and config.get("run_id") else None
     if tracker is not None:
-        tracker.log_params({**flatten(cfg), "train.world_size": world, "train.device": str(device)})
-        if history:
-            filled = tracker.log_history(history)
+        tracker.log_params({**flatten(run.cfg), "train.world_size": world, "train.device": str(run.device)})
+        if state is not None:
+            filled = tracker.log_history(state.history)
             if filled:
                 log.info("filled %d epoch(s) missing in MLflow from the checkpoint's history", filled)
+            tracker.set_tags({"stmi.resumed_from_epoch": state.epoch - 1})
+        else:
+            tracker.set_tags({"stmi.missing_captions": run.loaders.missing_captions,
+                              "stmi.selects_on_test": run.loaders.selects_on_test})
         tracker.start_system_metrics()
-
-    val_loaders = (loaders.val_query, loaders.val_gallery) if loaders.val_query is not None else None
-    amp = cfg.optim.amp and device.type == "cuda"
-    if tracker is not None and checkpoint is None:
-        tracker.set_tags({"stmi.missing_captions": loaders.missing_captions,
-                          "stmi.selects_on_test": loaders.selects_on_test})
-        logged = tracker.client.get_run(tracker.run_id).data.metrics
-        if val_loaders is not None and "untrained_val_mAP" not in logged:  # the reference point for "learnt"
-            val0 = evaluate(core, *val_loaders, device, use_scenes=loaders.uses_scenes)
-            tracker.log_metrics({"untrained_val_mAP": val0["mAP"], "untrained_val_R1": val0["R1"]})
-    if tracker is not None and checkpoint is not None:
-        tracker.set_tags({"stmi.resumed_from_epoch": start_epoch - 1})
-    epochs = cfg.optim.epochs
+        callbacks.append(MlflowLog(tracker))
     try:
-        for epoch in range(start_epoch, epochs):
-            loaders.train_sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, loaders.train, optimizer, scheduler, cfg.loss, device, epoch, amp=amp,
-                                    progress=rank == 0 and sys.stderr.isatty())
-            metrics: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
-            last = epoch == epochs - 1
-            if rank == 0 and val_loaders is not None and ((epoch + 1) % cfg.optim.eval_every == 0 or last):
-                val = evaluate(core, *val_loaders, device, use_scenes=loaders.uses_scenes)
-                metrics.update(val_mAP=val["mAP"], val_R1=val["R1"], val_R5=val["R5"])
-                if val["mAP"] > best["val_mAP"]:
-                    best = {"val_mAP": val["mAP"], "val_R1": val["R1"], "epoch": epoch}
-                    best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-            if rank == 0 and val_loaders is None:  # no validation split: the last epoch is the model
-                best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-                best = {"val_mAP": float("nan"), "epoch": epoch}
-            metrics.update(best_val_mAP=best["val_mAP"], best_epoch=best["epoch"])
-            if last and rank == 0:
-                metrics.update(_final_test(core, best_weights, loaders, cfg, device, tracker))
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    state = checkpoint_state(core, optimizer, scheduler, sampler_epoch=epoch + 1, epoch=epoch, cfg=cfg,
-                                             generator=loaders.train.generator,
-                                             extra={"history": history, "best": best})
-                    torch.save(state, Path(tmp) / STATE_FILE)
-                    if best_weights is not None:
-                        torch.save(best_weights, Path(tmp) / BEST_FILE)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"epoch_{epoch:04d}")
-                if tracker is not None:  # after the checkpoint is persisted: see the module docstring
-                    tracker.log_epoch(epoch, metrics)
-            else:
-                ray.train.report(metrics)
+        engine.fit(run, state, callbacks,
+                   evaluate_untrained=tracker is not None and "untrained_val_mAP" not in tracker.metrics())
     finally:
         if tracker is not None:
             tracker.stop_system_metrics()
 
 
-def _tokenizer(cfg: STMIConfig) -> Any:
-    """The CLIP tokenizer at the text tower's context length (the loaders tokenise captions in their workers)."""
-    import open_clip
+class RayReport(Callback):
+    """Every epoch: rank 0 reports its metrics with the checkpoint (through Ray's storage), other ranks without."""
 
-    from stmi.model import backbone  # noqa: F401 - registers stmi-tiny
+    def on_epoch_end(self, run: TrainingRun, end: EpochEnd) -> None:
+        import ray.train
 
-    text_cfg = (open_clip.get_model_config(cfg.model.clip_model) or {}).get("text_cfg", {})
-    return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+        from stmi.engine import save_fit_checkpoint
 
-
-def _rank0_tracker(config: dict[str, Any], rank: int) -> Any:
-    if rank != 0 or not config.get("run_id"):
-        return None
-    from orchestration.tracking import RunLogger
-
-    return RunLogger(config["run_id"], config.get("tracking_uri"))
-
-
-def _final_test(core: Any, best_weights: dict[str, Any] | None, loaders: Any, cfg: STMIConfig, device: Any,
-                tracker: Any) -> dict[str, float]:
-    """Test metrics of the best (validation-selected) weights; artifacts to MLflow. Rank 0 only."""
-    from stmi.eval import evaluate
-
-    if best_weights is not None:
-        current = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-        core.load_state_dict(best_weights)
-    res = evaluate(core, loaders.query, loaders.gallery, device, use_scenes=loaders.uses_scenes)
-    out = {"test_mAP": res["mAP"], "test_R1": res["R1"], "test_R5": res["R5"], "test_R10": res["R10"]}
-    if tracker is not None:
-        tracker.log_metrics(out)
-        _log_run_artifacts(tracker, res, loaders, cfg, best_weights if best_weights is not None else core.state_dict())
-    if best_weights is not None:
-        core.load_state_dict(current)
-    return out
+        if not run.is_main:
+            ray.train.report(end.metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_fit_checkpoint(run, end.state, tmp)
+            ray.train.report(end.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{end.epoch:04d}")
 
 
-def _log_run_artifacts(tracker: Any, res: dict[str, Any], loaders: Any, cfg: STMIConfig,
-                       weights: dict[str, Any]) -> None:
-    """Resolved config, CMC curve, retrieval picture, best checkpoint. Failures of plots never fail the run."""
-    import torch
+class MlflowLog(Callback):
+    """Rank 0's MLflow logging: the untrained reference, test metrics and artifacts, and each epoch's metrics AFTER
+    its checkpoint is persisted (so it comes after :class:`RayReport` in the callback list; module docstring)."""
 
-    from stmi import plots
+    def __init__(self, tracker: RunLogger) -> None:
+        self.tracker = tracker
 
-    tracker.log_dict(to_dict(cfg), "config.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            plots.plot_cmc(res["cmc"], Path(tmp) / "cmc_curve.png", title=f"{cfg.data.dataset} test CMC")
-            tracker.log_artifact(Path(tmp) / "cmc_curve.png", "plots")
-            if res.get("top10") is not None:
-                plots.plot_retrieval(loaders.query_records, loaders.gallery_records, res["top10"],
-                                     Path(tmp) / "retrieval_top10.png", query_indices=res.get("vis_queries"))
-                tracker.log_artifact(Path(tmp) / "retrieval_top10.png", "plots")
-        except Exception as e:  # a plot must not lose the run
-            log.warning("plots not logged: %s", e)
-        torch.save({"state_dict": weights, "config": to_dict(cfg)}, Path(tmp) / "best.pt")
-        tracker.log_artifact(Path(tmp) / "best.pt", "checkpoints")
+    def on_untrained(self, run: TrainingRun, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics)
+
+    def on_test_end(self, run: TrainingRun, result: dict[str, Any], weights: dict[str, Any]) -> None:
+        """Test metrics, resolved config, CMC curve, retrieval picture, exported best weights.
+
+        Logged before the last epoch's checkpoint, so a crash in between redoes the epoch and logs them again.
+        A failing plot never fails the run."""
+        from stmi import plots
+        from stmi.engine import export_model
+
+        cfg, loaders = run.cfg, run.loaders
+        self.tracker.log_metrics({f"test_{k}": result[k] for k in ("mAP", "R1", "R5", "R10")})
+        self.tracker.log_dict(to_dict(cfg), "config.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                plots.plot_cmc(result["cmc"], Path(tmp) / "cmc_curve.png", title=f"{cfg.data.dataset} test CMC")
+                self.tracker.log_artifact(Path(tmp) / "cmc_curve.png", "plots")
+                if result.get("top10") is not None:
+                    plots.plot_retrieval(loaders.query_records, loaders.gallery_records, result["top10"],
+                                         Path(tmp) / "retrieval_top10.png", query_indices=result.get("vis_queries"))
+                    self.tracker.log_artifact(Path(tmp) / "retrieval_top10.png", "plots")
+            except Exception as e:  # a plot must not lose the run
+                log.warning("plots not logged: %s", e)
+            self.tracker.log_artifact(export_model(weights, cfg, Path(tmp) / EXPORT_FILE), EXPORT_DIR)
+
+    def on_epoch_end(self, run: TrainingRun, end: EpochEnd) -> None:
+        self.tracker.log_epoch(end.epoch, end.metrics)
 
 
 # --------------------------------------------------------------------------------------------------- driver level
@@ -236,11 +190,48 @@ def fit(cfg: STMIConfig, run_name: str, *, settings: Any, run_id: str | None, wo
             name=run_name, **storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=callbacks or [],
+            callbacks=[no_retry_on_data_error(), *(callbacks or [])],
             worker_runtime_env={"env_vars": settings.worker_env()} if settings is not None else None,
         ),
     )
     return trainer.fit()
+
+
+def no_retry_on_data_error() -> Any:
+    """A Ray Train callback that ends the run at once on a ``DatasetError`` in a worker instead of retrying it.
+
+    A missing or corrupt file is the data's fault: a restart from the last checkpoint meets the same file, so
+    ``max_failures`` restarts would only repeat it. Ray Train V2 retries every worker error and has no per-error
+    policy; ``UserCallback.after_exception`` runs on the controller when it sees worker errors, before its failure
+    decision, and an exception raised there ends the run as a non-retryable ``ControllerError`` that carries the
+    message (tests/test_train_ray.py holds Ray to that).
+    """
+    from ray.train.v2.api.callback import UserCallback
+
+    from stmi.data.datasets import DatasetError
+
+    class NoRetryOnDataError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for rank, error in sorted(worker_exceptions.items()):
+                if isinstance(error, DatasetError):
+                    raise DatasetError(f"rank {rank}: {error}")
+
+    return NoRetryOnDataError()
+
+
+def failure_message(error: BaseException) -> str:
+    """One line for a failed run: a ``DatasetError``'s message (it names the file and the fix) when one caused it,
+    else the first line of the innermost cause (Ray wraps errors in controller / task errors)."""
+    from stmi.data.datasets import DatasetError
+
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
+    found = next((c for c in chain if isinstance(c, DatasetError)), chain[-1])
+    lines = [ln.strip() for ln in str(found).splitlines() if ln.strip()]
+    return lines[0] if lines else type(found).__name__
 
 
 # --------------------------------------------------------------------------------------------------- command line
@@ -254,6 +245,23 @@ def build_config(recipe_name: str, dataset: str, data_root: str | None, override
         flat["data.root"] = str(Path(data_root).expanduser().absolute())
     flat.update(parse_assignments(overrides))
     return apply_overrides(cfg, flat)
+
+
+def check_data_root(dataset: str, root: str) -> None:
+    """Fail before any MLflow run is created or any worker starts when ``root`` holds no ``dataset`` folder.
+
+    Raises:
+        SettingsError: the folder is missing (or has the wrong case); the message names the path and the fix.
+    """
+    if not Path(root).is_dir():  # the common typo, answered without importing the data package (torch)
+        raise SettingsError(f"--data-root {root} does not exist or is not a folder; pass the folder that contains "
+                            f"the dataset folder (e.g. /data for /data/RGBNT201)")
+    from stmi.data.datasets import DatasetError, dataset_dir
+
+    try:
+        dataset_dir(dataset, root)
+    except DatasetError as e:
+        raise SettingsError(f"--data-root {root}: {e}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -275,8 +283,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     p.add_argument("--name", help="run name (deterministic: the same name resumes the run); default derived")
     p.add_argument("--experiment", default="stmi-train", help="MLflow experiment")
-    from orchestration.settings import PlatformSettings
-
     PlatformSettings.add_arguments(p)
     return p
 
@@ -286,13 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("stmi").setLevel(logging.INFO)
     args = parser().parse_args(argv)
-    from orchestration import tracking
-    from orchestration.settings import PlatformSettings, SettingsError
-    from stmi.config import ConfigError
-
     try:
         overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
         cfg = build_config(args.recipe, args.dataset, args.data_root, overrides)
+        if args.data_root:
+            check_data_root(cfg.data.dataset, cfg.data.root)
         settings = PlatformSettings.from_env(args)
         settings.check_storage()
     except (ConfigError, SettingsError, KeyError, ValueError) as e:
@@ -305,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     run_id = tracking.get_or_create_run(cl, exp_id, f"train/{name}", name,
                                         tags={"stmi.dataset": cfg.data.dataset, "stmi.recipe": cfg.recipe})
     print(f"MLflow run {run_id} in experiment {args.experiment!r} at {settings.tracking_uri}", flush=True)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    resume = "ray job submit -- python orchestration/train.py " + shlex.join(
+        raw if args.name else [*raw, "--name", name])
+    stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()
     import ray
+    import ray.train
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     status = "FAILED"
@@ -313,16 +322,52 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(cfg, name, settings=settings, run_id=run_id, workers=args.workers,
                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                      max_failures=args.max_failures)
-        status = "FINISHED" if result.error is None else "FAILED"
+        status = "FINISHED"
         m = result.metrics or {}
         print(f"done: best val mAP {m.get('best_val_mAP', float('nan')):.4f} (epoch {m.get('best_epoch')}), "
               f"test mAP {m.get('test_mAP', float('nan')):.4f} R1 {m.get('test_R1', float('nan')):.4f}")
-        return 0 if result.error is None else 1
+        return 0
+    except ray.train.TrainingFailedError as e:  # Ray has printed the workers' tracebacks; the reason comes last
+        print(f"error: the run failed: {failure_message(e)}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         status = "KILLED"
+        if stop.stopped:
+            return 143  # 128 + SIGTERM
         raise
     finally:
-        tracking.RunLogger(run_id, settings.tracking_uri).terminate(status)
+        if not stop.stopped:  # a stop already ended the run (first thing, within `ray job stop`'s 3 s)
+            RunLogger(run_id, settings.tracking_uri).terminate(status)
+
+
+class StopHandler:
+    """``ray job stop`` sends SIGTERM to the job's processes and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``).
+
+    On SIGTERM the MLflow runs ``runs()`` returns end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
+    command that continues them, first thing, before the driver unwinds; then ``KeyboardInterrupt`` is raised in
+    the main thread so Ray's and Tune's own cleanup runs in whatever time is left.
+    """
+
+    def __init__(self, resume: str, runs: Callable[[], list[RunLogger]]) -> None:
+        self.resume, self.runs, self.stopped = resume, runs, False
+
+    def install(self) -> StopHandler:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            for run in self.runs():
+                run.set_tags({"stmi.resume": self.resume})
+                run.terminate("KILLED")
+            print(f"stopped: the MLflow run(s) ended KILLED; continue with: {self.resume}", file=sys.stderr,
+                  flush=True)
+        except Exception as e:  # never mask the stop itself
+            print(f"stopped; MLflow not updated ({e}); continue with: {self.resume}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
 
 
 def _ensure_demo_data(cfg: STMIConfig) -> STMIConfig:

@@ -1,7 +1,18 @@
-"""One epoch of STMI training, the optimiser and schedule, seeding and exact checkpoints; framework-agnostic.
+"""The STMI training loop and what it is made of; framework-agnostic (no Ray, MLflow, Optuna or boto3 import).
 
-Everything a training worker needs that is not about distribution or tracking: ``orchestration.train`` wraps these
-in Ray Train (DDP, checkpoints on S3) and MLflow, and tests call them directly. No Ray or MLflow import here.
+The library owns the ML policy; ``orchestration.train`` only adds DDP, Ray's checkpoint storage and MLflow, through
+:class:`Callback` s. The pieces, in the order a run uses them:
+
+- :func:`prepare_run`: everything from a config: seed, tokenizer (:func:`build_tokenizer`, the one way captions are
+  tokenised outside the model), loaders, the data-derived ``model.num_classes`` / ``model.num_cameras``, the model
+  (optionally wrapped, e.g. in DDP), optimiser and schedule -> :class:`TrainingRun`.
+- :func:`fit`: the epochs: :func:`train_one_epoch`, validation every ``optim.eval_every`` epochs and at the last,
+  selection of the best (validation mAP) weights, the test of the selected weights after the last epoch, and the
+  per-epoch :class:`Callback` hooks (checkpoint, report, log). Its state (:class:`FitState`) is saved and restored
+  exactly by :func:`save_fit_checkpoint` / :func:`load_fit_checkpoint` (the files :data:`STATE_FILE` and
+  :data:`BEST_FILE`).
+- :func:`export_model` / :func:`load_exported`: the exported checkpoint ``{"state_dict", "config"}`` a run
+  publishes (MLflow ``checkpoints/best.pt``) and serving loads: the one writer and the one reader of that format.
 
 Choices the paper leaves open (documented where they are implemented):
 
@@ -20,19 +31,40 @@ Choices the paper leaves open (documented where they are implemented):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from stmi.config import LossConfig, OptimConfig, STMIConfig, to_dict
+from stmi.callbacks import Callback, EpochEnd, FitState
+from stmi.config import LossConfig, ModelConfig, OptimConfig, STMIConfig, from_dict, to_dict
+from stmi.data.batch import model_inputs
+from stmi.data.loaders import Loaders, build_loaders
+from stmi.eval import evaluate
+from stmi.model import build_model
 
 CHECKPOINT_FORMAT = 1
+STATE_FILE = "state.pt"
+"""Training checkpoint file (:func:`checkpoint_state` of model, optimiser, schedule, RNGs, history, best so far)."""
+BEST_FILE = "best_model.pt"
+"""The best weights so far (a plain state dict), next to :data:`STATE_FILE`."""
+EXPORT_KEYS = ("state_dict", "config")
+"""Keys of the exported checkpoint (:func:`export_model`)."""
+__all__ = [
+    "BEST_FILE", "Callback", "EpochEnd", "FitState", "STATE_FILE", "TrainingRun", "build_optimizer",
+    "build_scheduler", "build_tokenizer", "checkpoint_state", "evaluate_split", "export_model",
+    "find_unused_parameters", "fit", "load_exported", "load_exported_model", "load_fit_checkpoint", "model_inputs",
+    "prepare_run", "restore_state", "save_fit_checkpoint", "seed_everything", "train_one_epoch", "unwrap",
+    "with_data_fields",
+]
 _NO_DECAY_NAME_PARTS = ("sfm_alpha", "sfm_beta", "logit_scale")
 
 
@@ -123,25 +155,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup + cosine, stepped once per optimiser step (see the module docstring)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg, steps_per_epoch))
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-
-
-def model_inputs(batch: dict[str, Any], device: torch.device) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """(images, keyword arguments) of ``STMI.forward`` from a ``TripletDataset`` batch (docs/ARCHITECTURE.md)."""
-    imgs = [_to(batch[k], device) for k in ("rgb", "nir", "tir")]
-    kw: dict[str, Any] = {}
-    if batch.get("mask") is not None:
-        kw["mask"] = _to(batch["mask"], device)
-        if batch.get("has_mask") is not None:
-            kw["has_mask"] = torch.as_tensor(batch["has_mask"]).to(device, dtype=torch.bool)
-    if batch.get("text") is not None:
-        kw["text"] = _to(batch["text"], device)
-    if batch.get("camid") is not None:
-        kw["camid"] = torch.as_tensor(batch["camid"]).to(device, dtype=torch.long)
-    return imgs, kw
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
@@ -323,3 +336,261 @@ def restore_state(state: dict[str, Any], model: nn.Module, optimizer: torch.opti
     if restore_rng and state.get("rng") is not None:
         set_rng_state(state["rng"], generator)
     return int(state["epoch"]) + 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tokenizer and the exported checkpoint: one owner each
+
+
+def build_tokenizer(cfg: ModelConfig) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's CLIP tokenizer at the text tower's context length of ``cfg.clip_model``.
+
+    What the loaders tokenise captions with (in their worker processes, so it is picklable) and what serving
+    tokenises request captions with; the ids equal ``STMI.tokenize``'s (a test checks it). Built from the config,
+    not the model, so the loaders can exist before the model (whose ``num_classes`` they decide).
+    """
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(cfg.clip_model) or {}).get("text_cfg", {})
+    return open_clip.SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
+
+
+def export_model(weights: dict[str, torch.Tensor] | nn.Module, cfg: STMIConfig, path: str | Path) -> Path:
+    """Write the exported checkpoint ``{"state_dict", "config"}``: the weights a run publishes and serving loads.
+
+    Args:
+        weights: a state dict, or a model (a DDP wrapper is unwrapped).
+        cfg: the resolved config (with the data-derived ``num_classes`` / ``num_cameras``) the weights belong to.
+    """
+    state = unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights
+    path = Path(path)
+    torch.save({"state_dict": state, "config": to_dict(cfg)}, path)
+    return path
+
+
+def load_exported(path: str | Path) -> dict[str, Any]:
+    """Read an :func:`export_model` file (``weights_only``, memory-mapped).
+
+    Raises:
+        ValueError: unreadable, or not an exported STMI checkpoint (names the keys found and what to pass).
+    """
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"cannot read STMI checkpoint {path} ({first}); pass the checkpoints/best.pt artifact a "
+                         f"training run wrote") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in EXPORT_KEYS):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not an exported STMI checkpoint: expected keys 'state_dict' and 'config' "
+                         f"(stmi.engine.export_model writes them), found {keys}")
+    return ckpt
+
+
+def load_exported_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, STMIConfig]:
+    """The model of an exported checkpoint, in eval mode on ``device``, and its config.
+
+    The model is built with ``pretrained=None``: the state dict holds every weight, and a serving host need not
+    have the CLIP weights the run started from. The returned config says so too.
+    """
+    ckpt = load_exported(path)
+    cfg = from_dict(ckpt["config"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the model its config describes: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A run: prepare it from a config, fit it with callbacks
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything :func:`fit` trains, built by :func:`prepare_run`."""
+
+    cfg: STMIConfig
+    """The resolved config: ``model.num_classes`` / ``model.num_cameras`` are the data's."""
+    model: nn.Module
+    """What the training step calls (a DDP wrapper in distributed runs); :attr:`core` is the plain STMI."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaders: Loaders
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def core(self) -> nn.Module:
+        """The model without its DDP / compile wrapper (evaluation, checkpoints)."""
+        return unwrap(self.model)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: it validates, tests, selects the best weights and writes checkpoints."""
+        return self.rank == 0
+
+
+def find_unused_parameters(cfg: STMIConfig) -> bool:
+    """DDP's ``find_unused_parameters`` for this config.
+
+    True for every config for now: the configs that leave a parameter without a gradient in some step (no mask ->
+    no SFM gradient, no camera id -> no SIE gradient) have not been enumerated; DDP without the flag would fail on
+    them. The flag costs a graph traversal per step, so a config known to use every parameter should return False.
+    """
+    return True
+
+
+def with_data_fields(cfg: STMIConfig, loaders: Loaders) -> STMIConfig:
+    """``cfg`` with ``model.num_classes`` (training identities) and ``model.num_cameras`` (0 without SIE) set from
+    the loaded data, which decides them (the validation hold-out changes the identity count)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, num_classes=loaders.num_classes, num_cameras=loaders.num_cameras if cfg.model.use_sie else 0))
+
+
+def prepare_run(cfg: STMIConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                wrap_model: Callable[[nn.Module, STMIConfig], nn.Module] | None = None) -> TrainingRun:
+    """Seed, tokenizer, loaders (this rank's shard), model, optimiser and schedule from a config.
+
+    Args:
+        rank, world_size: this process's place in a distributed run (the P x K sampler shards by them); the seed
+            is ``optim.seed + rank``.
+        device: where the model lives.
+        wrap_model: ``(model on device, resolved config) -> model`` (e.g. Ray's ``prepare_model`` for DDP with
+            :func:`find_unused_parameters`); the optimiser is built over the wrapped model's parameters.
+
+    Raises:
+        DatasetError: the data is missing or malformed (names the path and the fix).
+    """
+    device = torch.device(device)
+    seed_everything(cfg.optim.seed + rank)
+    tokenizer = build_tokenizer(cfg.model)
+    loaders = build_loaders(cfg, tokenizer, rank=rank, world_size=world_size)
+    cfg = with_data_fields(cfg, loaders)
+    model = build_model(cfg.model).to(device)
+    if wrap_model is not None:
+        model = wrap_model(model, cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=len(loaders.train))
+    return TrainingRun(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, loaders=loaders,
+                       tokenizer=tokenizer, device=device, rank=rank, world_size=world_size)
+
+
+def evaluate_split(run: TrainingRun, split: str) -> dict[str, Any]:
+    """Evaluate ``run.core`` on ``"val"`` or ``"test"`` (query against gallery); see :func:`stmi.eval.evaluate`.
+
+    The one place :func:`fit` evaluates. It runs on the main rank only (``run.is_main``), on the whole split.
+    """
+    loaders = run.loaders
+    query, gallery = (loaders.val_query, loaders.val_gallery) if split == "val" else (loaders.query, loaders.gallery)
+    if query is None or gallery is None:
+        raise ValueError(f"evaluate_split: the run has no {split!r} split (data.val_fraction = 0?)")
+    return evaluate(run.core, query, gallery, run.device, use_scenes=loaders.uses_scenes)
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def fit(run: TrainingRun, state: FitState | None = None, callbacks: Sequence[Callback] = (), *,
+        evaluate_untrained: bool = False, progress: bool | None = None) -> FitState:
+    """Train ``run`` from ``state.epoch`` to ``cfg.optim.epochs`` (see the module docstring for the policy).
+
+    Per epoch: :func:`train_one_epoch`; on the main rank, validation every ``optim.eval_every`` epochs and at the
+    last one, keeping the weights of the best validation mAP (without a validation split: the last epoch's); after
+    the last epoch the selected weights are tested (:meth:`Callback.on_test_end`) and the trained weights put back.
+    Then :meth:`Callback.on_epoch_end` on every rank.
+
+    Args:
+        state: where to continue (from :func:`load_fit_checkpoint`); None: a fresh run.
+        evaluate_untrained: on a fresh run, evaluate the untrained model first (:meth:`Callback.on_untrained`).
+        progress: a tqdm bar per epoch; default: on the main rank when stderr is a terminal.
+
+    Returns:
+        The final state (``history``, ``best``, ``best_weights``).
+    """
+    state = state if state is not None else FitState()
+    cfg = run.cfg
+    has_val = run.loaders.val_query is not None
+    if progress is None:
+        progress = run.is_main and sys.stderr.isatty()
+    if evaluate_untrained and run.is_main and has_val and state.epoch == 0:
+        val0 = evaluate_split(run, "val")
+        for cb in callbacks:
+            cb.on_untrained(run, {"untrained_val_mAP": val0["mAP"], "untrained_val_R1": val0["R1"]})
+    epochs = cfg.optim.epochs
+    for epoch in range(state.epoch, epochs):
+        last = epoch == epochs - 1
+        run.loaders.train_sampler.set_epoch(epoch)
+        stats = train_one_epoch(run.model, run.loaders.train, run.optimizer, run.scheduler, cfg.loss, run.device,
+                                epoch, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, progress=progress)
+        metrics: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        if run.is_main and has_val and ((epoch + 1) % cfg.optim.eval_every == 0 or last):
+            val = evaluate_split(run, "val")
+            metrics.update(val_mAP=val["mAP"], val_R1=val["R1"], val_R5=val["R5"])
+            if val["mAP"] > state.best["val_mAP"]:
+                state.best = {"val_mAP": val["mAP"], "val_R1": val["R1"], "epoch": epoch}
+                state.best_weights = _cpu_copy(run.model)
+        if run.is_main and not has_val:  # no validation split: the last epoch is the model
+            state.best, state.best_weights = {"val_mAP": float("nan"), "epoch": epoch}, _cpu_copy(run.model)
+        metrics.update(best_val_mAP=state.best["val_mAP"], best_epoch=state.best["epoch"])
+        if last and run.is_main:
+            metrics.update(_test_selected(run, state, callbacks))
+        state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        state.epoch = epoch + 1
+        end = EpochEnd(epoch=epoch, metrics=metrics, state=state, last=last)
+        for cb in callbacks:
+            cb.on_epoch_end(run, end)
+    return state
+
+
+def _test_selected(run: TrainingRun, state: FitState, callbacks: Sequence[Callback]) -> dict[str, float]:
+    """Test metrics of the selected weights (swapped in for the test, then the trained weights back)."""
+    current = _cpu_copy(run.model) if state.best_weights is not None else None
+    if state.best_weights is not None:
+        run.core.load_state_dict(state.best_weights)
+    try:
+        res = evaluate_split(run, "test")
+        for cb in callbacks:
+            cb.on_test_end(run, res, state.best_weights if state.best_weights is not None else run.core.state_dict())
+    finally:
+        if current is not None:
+            run.core.load_state_dict(current)
+    return {"test_mAP": res["mAP"], "test_R1": res["R1"], "test_R5": res["R5"], "test_R10": res["R10"]}
+
+
+def save_fit_checkpoint(run: TrainingRun, state: FitState, directory: str | Path) -> None:
+    """Write :data:`STATE_FILE` (and :data:`BEST_FILE` once weights were selected) into ``directory``.
+
+    Call it right after the epoch (in :meth:`Callback.on_epoch_end`): the RNG states are captured now, so the
+    restored run draws the numbers the uninterrupted one would have.
+    """
+    directory = Path(directory)
+    torch.save(checkpoint_state(run.model, run.optimizer, run.scheduler, sampler_epoch=state.epoch,
+                                epoch=state.epoch - 1, cfg=run.cfg, generator=run.loaders.train.generator,
+                                extra={"history": state.history, "best": state.best}), directory / STATE_FILE)
+    if state.best_weights is not None:
+        torch.save(state.best_weights, directory / BEST_FILE)
+
+
+def load_fit_checkpoint(run: TrainingRun, directory: str | Path) -> FitState:
+    """Restore ``run`` (model, optimiser, schedule, RNGs, loader generator) from :func:`save_fit_checkpoint`'s files.
+
+    Raises:
+        ValueError: the folder holds no STMI training checkpoint, or one of another model config.
+    """
+    directory = Path(directory)
+    if not (directory / STATE_FILE).exists():
+        raise ValueError(f"load_fit_checkpoint: {directory} has no {STATE_FILE} (not a checkpoint of stmi.engine.fit)")
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    next_epoch = restore_state(saved, run.model, run.optimizer, run.scheduler, generator=run.loaders.train.generator)
+    best_weights = None
+    if (directory / BEST_FILE).exists():
+        best_weights = torch.load(directory / BEST_FILE, map_location="cpu", weights_only=True)
+    return FitState(epoch=next_epoch, history=list(saved["extra"]["history"]), best=dict(saved["extra"]["best"]),
+                    best_weights=best_weights)

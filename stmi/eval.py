@@ -1,4 +1,4 @@
-"""Retrieval evaluation: the ReID protocol of DATASETS.md, vectorised and chunked, and feature extraction.
+"""Retrieval evaluation: the field's ReID protocol (docs/datasets.md), vectorised and chunked, and feature extraction.
 
 Protocol (identical in the five reference codebases): L2-normalised features, squared Euclidean distance, for
 each query the gallery entries with the same identity AND the same camera are removed (MSVR310: same identity AND
@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from stmi.data.batch import model_inputs
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -182,7 +184,7 @@ def _finalise(parts: list[_ChunkScores], num_queries: int, max_rank: int) -> dic
 def evaluate_ranking(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
                      g_camids: ArrayLike, q_sceneids: ArrayLike | None = None, g_sceneids: ArrayLike | None = None,
                      max_rank: int = 50, chunk_size: int | None = None) -> dict[str, Any]:
-    """Score a query x gallery distance matrix with the ReID protocol of DATASETS.md.
+    """Score a query x gallery distance matrix with the ReID protocol (docs/datasets.md).
 
     Args:
         distmat: ``(Q, G)`` distances, smaller = more similar (numpy array or torch tensor, any device; a CUDA
@@ -250,9 +252,6 @@ class Features:
     """-1 where the dataset has no scenes."""
 
 
-_INPUT_KEYS = ("rgb", "nir", "tir")
-
-
 @torch.inference_mode()
 def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device | str,
                      amp: bool = False, use_camid: bool = True) -> Features:
@@ -273,16 +272,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], d
     feats, pids, cams, scenes, index = [], [], [], [], []
     try:
         for batch in loader:
-            kw: dict[str, Any] = {}
-            if batch.get("mask") is not None:
-                kw["mask"] = batch["mask"].to(device, non_blocking=True)
-                if batch.get("has_mask") is not None:
-                    kw["has_mask"] = torch.as_tensor(batch["has_mask"]).to(device, dtype=torch.bool)
-            if batch.get("text") is not None:
-                kw["text"] = batch["text"].to(device, non_blocking=True)
-            if use_camid and batch.get("camid") is not None:
-                kw["camid"] = torch.as_tensor(batch["camid"]).to(device, dtype=torch.long)
-            imgs = [batch[k].to(device, non_blocking=True) for k in _INPUT_KEYS]
+            imgs, kw = model_inputs(batch, device, use_camid=use_camid)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                                 enabled=amp and device.type == "cuda"):
                 emb = embed(*imgs, **kw)

@@ -1,4 +1,5 @@
-"""stmi.engine and stmi.recipes: schedule values, optimiser groups, exact checkpoint round-trips, and a demo run."""
+"""stmi.engine and stmi.recipes: schedule values, optimiser groups, exact checkpoint round-trips, the tokenizer and
+exported-checkpoint owners, and ``prepare_run`` + ``fit`` on synthetic data (selection policy, exact resume)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ import pytest
 import torch
 from torch import nn
 
-from stmi.config import ModelConfig, OptimConfig, STMIConfig, apply_overrides, from_dict
+from stmi.config import ModelConfig, OptimConfig, STMIConfig, apply_overrides, from_dict, to_dict
 from stmi.engine import (
+    Callback,
     build_optimizer,
     build_scheduler,
+    build_tokenizer,
     checkpoint_state,
+    export_model,
+    fit,
+    load_exported,
+    load_exported_model,
+    load_fit_checkpoint,
+    prepare_run,
     restore_state,
+    save_fit_checkpoint,
     seed_everything,
     train_one_epoch,
 )
@@ -208,8 +218,7 @@ def test_demo_recipe_learns_on_synthetic_rgbnt201(tmp_path):
     root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0)
     cfg = apply_overrides(recipe("demo", "rgbnt201"), {"data.root": str(root), "optim.epochs": 2})
     seed_everything(cfg.optim.seed)
-    tokenizer = build_model(dataclasses.replace(cfg.model, num_classes=0)).tokenize
-    loaders = build_loaders(cfg, tokenizer)
+    loaders = build_loaders(cfg, build_tokenizer(cfg.model))
     assert loaders.val_query is not None and loaders.num_classes >= cfg.data.batch_size // cfg.data.num_instances
     cfg = apply_overrides(cfg, {"model.num_classes": loaders.num_classes, "model.num_cameras": loaders.num_cameras})
     seed_everything(cfg.optim.seed)
@@ -229,3 +238,139 @@ def test_demo_recipe_learns_on_synthetic_rgbnt201(tmp_path):
     assert stats[0]["lr_head"] == pytest.approx(stats[0]["lr"] * cfg.optim.head_lr_mult)
     assert sch.last_epoch == 2 * len(loaders.train)
     assert after["mAP"] > before["mAP"] + 0.1, (before["mAP"], after["mAP"])
+
+
+# ------------------------------------------------------------------------------------- tokenizer, exported format
+
+
+@pytest.mark.parametrize("use_text", [True, False])
+def test_tokenizer_gives_the_models_ids(use_text):
+    from stmi.model.stmi import build_model
+
+    cfg = ModelConfig(clip_model="stmi-tiny", image_size=(64, 32), num_classes=3, use_text=use_text)
+    captions = ["a man in a red coat with a backpack", "", "x " * 200]
+    ids = build_tokenizer(cfg)(captions)
+    assert ids.shape == (3, 77) and ids.dtype == torch.long
+    assert torch.equal(ids, build_model(cfg).tokenize(captions))
+
+
+def test_exported_checkpoint_round_trip_and_errors(tmp_path, tiny_model):
+    cfg = STMIConfig(model=tiny_model.cfg)
+    path = export_model(tiny_model, cfg, tmp_path / "best.pt")
+    assert sorted(load_exported(path)) == ["config", "state_dict"]
+    model, got = load_exported_model(path)
+    assert got.model == dataclasses.replace(cfg.model, pretrained=None) and not model.training
+    x = [torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    tiny_model.eval()
+    cams = torch.tensor([0, 2])
+    torch.testing.assert_close(model.embed(*x, camid=cams), tiny_model.embed(*x, camid=cams))
+
+    torch.save({"model": tiny_model.state_dict()}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match=r"not an exported STMI checkpoint.*found \['model'\]"):
+        load_exported(tmp_path / "foreign.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read STMI checkpoint .*garbage.pt"):
+        load_exported(tmp_path / "garbage.pt")
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, K=3))
+    torch.save({"state_dict": tiny_model.state_dict(), "config": to_dict(other)}, tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_exported_model(tmp_path / "mismatch.pt")
+
+
+# ------------------------------------------------------------------------------------------- prepare_run and fit
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    from stmi.data.synth import make_synthetic
+
+    return make_synthetic("rgbnt201", tmp_path_factory.mktemp("fit201"), ids=18, images_per_id=6, seed=2)
+
+
+class Recorder(Callback):
+    """Records every hook call, and saves a fit checkpoint per epoch into ``root/epoch_<n>``."""
+
+    def __init__(self, root=None):
+        self.calls, self.epochs, self.root = [], [], root
+
+    def on_untrained(self, run, metrics):
+        self.calls.append("untrained")
+        self.untrained = metrics
+
+    def on_test_end(self, run, result, weights):
+        self.calls.append("test")
+        self.test_weights = {k: v.clone() for k, v in weights.items()}
+        self.loaded_during_test = all(torch.equal(v, weights[k]) for k, v in run.core.state_dict().items())
+
+    def on_epoch_end(self, run, end):
+        self.calls.append(f"epoch{end.epoch}")
+        self.epochs.append(dict(end.metrics))
+        if self.root is not None:
+            d = self.root / f"epoch_{end.epoch}"
+            d.mkdir()
+            save_fit_checkpoint(run, end.state, d)
+
+
+def _cfg(root, **extra):
+    return apply_overrides(recipe("demo", "rgbnt201"), {"data.root": str(root), "optim.epochs": 3, **extra})
+
+
+@pytest.mark.timeout(600)
+def test_fit_selects_validates_tests_and_resumes_exactly(small_root, tmp_path):
+    run = prepare_run(_cfg(small_root, **{"optim.eval_every": 2}))
+    assert run.cfg.model.num_classes == run.loaders.num_classes > 0
+    assert run.cfg.model.num_cameras == run.loaders.num_cameras > 0 and run.core is run.model
+    assert len(run.loaders.train) >= 2
+    rec = Recorder(tmp_path)
+    state = fit(run, callbacks=[rec], evaluate_untrained=True, progress=False)
+    # hooks: the untrained reference first, the test inside the last epoch before its epoch end
+    assert rec.calls == ["untrained", "epoch0", "epoch1", "test", "epoch2"]
+    assert 0.0 <= rec.untrained["untrained_val_mAP"] <= 1.0
+    # validation every 2 epochs and at the last one; best = the argmax; test only after the last epoch
+    assert ["val_mAP" in m for m in rec.epochs] == [False, True, True]
+    vals = {m["epoch"]: m["val_mAP"] for m in rec.epochs if "val_mAP" in m}
+    best_epoch = max(vals, key=vals.get)
+    assert state.best["epoch"] == rec.epochs[-1]["best_epoch"] == best_epoch
+    assert rec.epochs[-1]["best_val_mAP"] == vals[best_epoch]
+    assert ["test_mAP" in m for m in rec.epochs] == [False, False, True]
+    assert {"test_R1", "test_R5", "test_R10"} <= set(rec.epochs[-1])
+    assert [h["epoch"] for h in state.history] == [0, 1, 2] and state.epoch == 3
+    # the test ran on the selected weights, then the trained weights came back
+    assert rec.loaded_during_test
+    assert all(torch.equal(rec.test_weights[k], v) for k, v in state.best_weights.items())
+    final = {k: v.clone() for k, v in run.core.state_dict().items()}
+    if best_epoch != 2:
+        assert any(not torch.equal(final[k], v) for k, v in state.best_weights.items())
+
+    # A fresh process-like run restored from epoch 1's checkpoint ends with exactly the same weights and history.
+    seed_everything(12345)
+    run2 = prepare_run(_cfg(small_root, **{"optim.eval_every": 2}))
+    resumed = load_fit_checkpoint(run2, tmp_path / "epoch_1")
+    assert resumed.epoch == 2 and [h["epoch"] for h in resumed.history] == [0, 1]
+    rec2 = Recorder()
+    state2 = fit(run2, resumed, callbacks=[rec2], evaluate_untrained=True, progress=False)
+    assert rec2.calls == ["test", "epoch2"]  # no untrained evaluation on a resumed run
+    for k, v in run2.core.state_dict().items():
+        assert torch.equal(v, final[k]), k
+    timing = ("train_time_s", "train_triplets_per_s")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in state2.history] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in state.history]
+    assert state2.best == state.best and rec2.epochs[-1]["test_mAP"] == rec.epochs[-1]["test_mAP"]
+
+
+@pytest.mark.timeout(600)
+def test_fit_without_validation_keeps_the_last_epoch(small_root):
+    run = prepare_run(_cfg(small_root, **{"data.val_fraction": 0.0, "optim.epochs": 2}))
+    assert run.loaders.val_query is None
+    rec = Recorder()
+    state = fit(run, callbacks=[rec], evaluate_untrained=True, progress=False)
+    assert rec.calls == ["epoch0", "test", "epoch1"]  # no validation split: no untrained reference either
+    assert state.best["epoch"] == 1 and math.isnan(rec.epochs[-1]["best_val_mAP"])
+    assert all(torch.equal(v, run.core.state_dict()[k]) for k, v in state.best_weights.items())
+    assert 0.0 <= rec.epochs[-1]["test_mAP"] <= 1.0
+
+
+def test_load_fit_checkpoint_names_a_wrong_folder(tmp_path, small_root):
+    run = prepare_run(_cfg(small_root))
+    with pytest.raises(ValueError, match="has no state.pt"):
+        load_fit_checkpoint(run, tmp_path)

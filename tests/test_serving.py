@@ -1,8 +1,9 @@
 """Serving the STMI pyfunc: row validation in-process, and the real `mlflow models serve` of a registered champion.
 
-The integration test logs a tiny model's checkpoint through a real MLflow server (S3 artifacts), registers it as
-``stmi-testds@champion``, serves it with the real CLI, and checks that the served embedding equals ``STMI.embed``
-on the same preprocessed input, that every malformed request gets a one-line 400, and that the server stays up.
+The integration test logs a tiny model's exported checkpoint through a real MLflow server (S3 artifacts) with
+``orchestration.registry``, registers it as ``stmi-testds@champion``, serves it with the real CLI, and checks that
+the served embedding equals ``STMI.embed`` on the same preprocessed input, that every malformed request gets a
+one-line 400, and that the server stays up.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from orchestration import serving
+from orchestration import registry, serving
 from orchestration.serving import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -33,7 +34,8 @@ from orchestration.serving import (
     make_example_row,
     parse_rows,
 )
-from stmi.config import ModelConfig, STMIConfig, to_dict
+from orchestration.tracking import RunLogger
+from stmi.config import ModelConfig, STMIConfig
 from stmi.data.transforms import PairedTransform
 
 IMAGE_SIZE = (64, 32)
@@ -187,6 +189,7 @@ def _free_port() -> int:
 
 def _build_tiny_checkpoint(path: Path) -> Any:
     """A tiny STMI with non-default BN statistics (so a server that failed to load weights would differ)."""
+    from stmi.engine import export_model
     from stmi.model.stmi import build_model
 
     cfg = STMIConfig(model=ModelConfig(clip_model="stmi-tiny", image_size=IMAGE_SIZE, num_classes=4,
@@ -199,7 +202,7 @@ def _build_tiny_checkpoint(path: Path) -> Any:
             buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
         elif name.endswith("running_var"):
             buf.copy_(0.5 + torch.rand(buf.shape, generator=g))
-    torch.save({"state_dict": model.state_dict(), "config": to_dict(cfg)}, path)
+    export_model(model, cfg, path)
     return model.eval()
 
 
@@ -256,12 +259,22 @@ def test_mlflow_models_serve_registered_champion(mlflow_server: Any, platform_en
     model = _build_tiny_checkpoint(ckpt)
     mlflow.set_experiment("serving-test")
     with mlflow.start_run() as run:
-        info = serving.log_model(ckpt)
+        champion = registry.register_champion(ckpt, "testds", RunLogger(run.info.run_id, mlflow_server.tracking_uri))
+    info = champion.model
     assert info.signature is not None and info.saved_input_example_info is not None
-    version = serving.register_champion(info.model_uri, "testds")
     client = mlflow.MlflowClient()
-    assert int(client.get_model_version_by_alias("stmi-testds", "champion").version) == version
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert champion.name == "stmi-testds"
+    assert int(client.get_model_version_by_alias("stmi-testds", "champion").version) == champion.version
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["stmi.champion_version"] == str(champion.version)
+
+    # A run that is not active is resumed for the logging and keeps its status (a RUNNING sweep parent stays so).
+    running = client.create_run(run.info.experiment_id)
+    registry.log_model(ckpt, RunLogger(running.info.run_id, mlflow_server.tracking_uri))
+    assert client.get_run(running.info.run_id).info.status == "RUNNING"
+    logged = client.search_logged_models([run.info.experiment_id])
+    assert any(m.source_run_id == running.info.run_id and m.name == "model" for m in logged)
 
     port = _free_port()
     venv_bin = str(Path(sys.executable).parent)

@@ -98,6 +98,14 @@ def test_resume_after_the_sweep_driver_is_killed(ray_cluster, mlflow_server, dat
     assert finished_before, "no trial finished before the deadline"
     stop = _cli(ray_cluster, "stop", "--address", ray_cluster.dashboard_url, "sweep-resume-1")
     assert stop.returncode == 0, stop.stdout + stop.stderr
+    # `ray job stop` (SIGTERM): the runs in progress end KILLED, the parent tagged with how to continue
+    exp = client.get_experiment_by_name("stmi-resume")
+    stopped = client.search_runs([exp.experiment_id])
+    parent = next(r for r in stopped if r.data.tags.get("stmi.role") == "parent")
+    assert parent.info.status == "KILLED", parent.info.status
+    assert parent.data.tags["stmi.resume"].startswith("ray job submit -- python orchestration/sweep.py ")
+    assert "--name resume" in parent.data.tags["stmi.resume"] and "--resume" in parent.data.tags["stmi.resume"]
+    assert not [r.info.run_name for r in stopped if r.info.status == "RUNNING"]
 
     rerun = ray_cluster.submit(*args, "--resume", timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-5000:] + rerun.stderr[-3000:]

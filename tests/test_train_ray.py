@@ -125,3 +125,110 @@ def test_killed_worker_resumes_from_checkpoint_without_duplicate_or_missing_epoc
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
         assert sorted(steps) == list(range(epochs)), (metric, steps)  # no duplicate, no missing step
     assert "test_mAP" in run.data.metrics
+
+
+def _job_cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real ``ray job`` CLI against the test cluster."""
+    env = {**_env(ray_cluster), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args, "--address",
+                           ray_cluster.dashboard_url], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bad_data_root_fails_before_any_run_is_created(ray_cluster, mlflow_server, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    missing = tmp_path / "no-such-folder"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    jobs = [("orchestration/train.py", missing, "does not exist"),
+            ("orchestration/train.py", empty, f"missing folder {empty / 'RGBNT201'}"),
+            ("orchestration/sweep.py", missing, "does not exist")]
+    for script, root, fragment in jobs:
+        proc = ray_cluster.submit("python", script, "--data-root", str(root), "--name", "bad-root",
+                                  "--experiment" if script.endswith("train.py") else "--datasets",
+                                  "stmi-bad-root" if script.endswith("train.py") else "rgbnt201", timeout=300)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
+        assert errors and f"--data-root {root}" in errors[-1] and fragment in errors[-1], proc.stdout[-2000:]
+    # neither the train experiment nor the sweep's (stmi-<name>) was created: nothing started
+    assert MlflowClient(mlflow_server.tracking_uri).get_experiment_by_name("stmi-bad-root") is None
+
+
+def test_ray_job_stop_ends_the_run_killed_with_how_to_resume(ray_cluster, mlflow_server, synth_root: Path) -> None:
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+
+    epochs, name = 4, "ddp-stop"
+    cmd = _train_cmd(name, synth_root, epochs=epochs, workers=1)[1:]  # without sys.executable: the job's python
+    sub = _job_cli(ray_cluster, "submit", "--submission-id", "train-stop-1", "--no-wait", "--", "python", *cmd)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    client = MlflowClient(mlflow_server.tracking_uri)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        time.sleep(1)
+        exp = client.get_experiment_by_name("stmi-train-test")
+        runs = client.search_runs([exp.experiment_id], f"tags.`stmi.run_key` = 'train/{name}'") if exp else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "epoch"):
+            break
+    else:
+        pytest.fail("the run never logged an epoch")
+    stop = _job_cli(ray_cluster, "stop", "train-stop-1", timeout=180)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    run = _run_for(client, "stmi-train-test", name)
+    assert run.info.status == "KILLED", run.info.status
+    resume = run.data.tags["stmi.resume"]
+    assert resume.startswith("ray job submit -- python orchestration/train.py ") and f"--name {name}" in resume
+    logs = _job_cli(ray_cluster, "logs", "train-stop-1")
+    assert "ended KILLED; continue with: ray job submit" in logs.stdout, logs.stdout[-2000:]
+
+    # The tag's command continues the same run from its last checkpoint to the end.
+    entry = shlex.split(resume.split(" -- ", 1)[1])
+    assert entry[:2] == ["python", "orchestration/train.py"]
+    entry[1] = str(REPO / entry[1])  # the test cluster's jobs do not run in the repository folder
+    again = ray_cluster.submit(*entry, timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:]
+    run = _run_for(client, "stmi-train-test", name)
+    assert run.info.status == "FINISHED" and "test_mAP" in run.data.metrics
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+    assert sorted(steps) == list(range(epochs)), steps
+
+
+def _failure_decisions(temp_dir: Path, run_name: str) -> list[str]:
+    """The Ray Train controller's failure-policy decisions (``RETRY`` / ``RAISE`` lines) for one run."""
+    import json
+
+    out = []
+    for path in (temp_dir / "session_latest" / "logs" / "train").glob("ray-train-*-controller-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("run_name") == run_name and str(rec.get("message", "")).startswith("[FailurePolicy]"):
+                out.append(rec["message"].splitlines()[0])
+    return out
+
+
+def test_dataset_error_in_a_worker_is_not_retried(ray_cluster, mlflow_server, synth_root: Path,
+                                                  tmp_path: Path) -> None:
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    bad = sorted((root / "RGBNT201" / "train_171" / "NI").glob("*.jpg"))[0]
+    bad.write_bytes(b"")  # a zero-byte image: the dataset reader raises DatasetError naming it, in every worker
+    name = "bad-data"
+    proc = ray_cluster.submit("python", str(REPO / "orchestration" / "train.py"), *_train_cmd(name, root, 2)[3:],
+                              timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    last = [ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith(("---", "Job '"))]
+    errors = [ln for ln in last if ln.startswith("error: ")]
+    assert errors and str(bad) in errors[-1] and "zero-byte" in errors[-1], proc.stdout[-3000:]
+    decisions = _failure_decisions(ray_cluster.temp_dir, name)
+    assert decisions and not [d for d in decisions if "RETRY" in d], decisions  # --max-failures 2, yet no retry
+    run = _run_for(MlflowClient(mlflow_server.tracking_uri), "stmi-train-test", name)
+    assert run.info.status == "FAILED"
