@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stmi-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test demo up down status bench lint clean
+.PHONY: help install test test-fast demo up down status bench lint docs clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -27,6 +27,9 @@ install: $(STAMP)  ## create .venv and install stmi with its platform and test e
 test: $(STAMP)  ## set up, then run the whole test suite (CI runs exactly this)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
+test-fast: $(STAMP)  ## unit tests only: no S3, MLflow or Ray server is started (markers integration, e2e skipped)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
 demo: $(STAMP)  ## set up, start the local stack, run the demo sweep through `ray job submit`, print a report
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m infra.local demo
 
@@ -42,8 +45,11 @@ status:  ## health of the local stack
 bench: $(STAMP)  ## run every benchmark (prints side-by-side ratios)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff over the repository
 	$(PY) -m ruff check .
+
+docs: $(STAMP)  ## regenerate docs/config.md (every config field) from stmi/config.py
+	$(PY) -c "from stmi.config import fields_reference; print(fields_reference())" > docs/config.md
 
 clean:  ## remove the venv and local state
 	rm -rf $(VENV) .stmi

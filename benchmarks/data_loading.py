@@ -2,8 +2,8 @@
 
 Generates a synthetic RGBNT201 dataset (256x128 frames) in a temporary folder, then times the training DataLoader
 (P x K sampler, training transforms, CLIP tokenizer) with 0, 1 and 2 worker processes. The first batch (worker
-start-up) is excluded; the figure is steady-state throughput. For scale: IDEA trains at ~163 triplets/s on one GPU
-(DATASETS.md), so the loader must deliver at least that per GPU.
+start-up) is excluded; the figure is steady-state throughput. For scale: IDEA reports ~163 triplets/s on one GPU
+(0.39 s per batch of 64 in its paper), so the loader must deliver at least that per GPU.
 
     python benchmarks/data_loading.py [--ids 24] [--images-per-id 16] [--batches 20] [--workers 0 1 2]
 """

@@ -1,4 +1,4 @@
-"""Cost of STMI's additions on one training step, side by side with the baseline (SPEC 2, paper table 3).
+"""Cost of STMI's additions on one training step, side by side with the baseline (paper table 3).
 
 Three models share the same CLIP towers (the very same weights) and batch; one step = forward + ``stmi_loss`` +
 backward + Adam:

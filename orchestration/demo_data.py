@@ -11,7 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-DEMO_IDS = {"rgbnt201": 20, "rgbnt100": 20, "msvr310": 20}
+DEMO_IDS = 20
+"""Identities of every synthetic demo dataset (the layouts and camera counts come from ``stmi.data.datasets``)."""
 DEMO_IMAGES_PER_ID = 10
 
 
@@ -33,7 +34,7 @@ def ensure_demo_dataset(dataset: str, ids: int | None = None, seed: int = 0) -> 
         if not done.exists():
             tmp = base / f".{dataset}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
-            make_synthetic(dataset, tmp, ids or DEMO_IDS[dataset], seed=seed, images_per_id=DEMO_IMAGES_PER_ID)
+            make_synthetic(dataset, tmp, ids or DEMO_IDS, seed=seed, images_per_id=DEMO_IMAGES_PER_ID)
             shutil.rmtree(base / dataset, ignore_errors=True)
             tmp.rename(base / dataset)
             done.touch()

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stmi.config import ConfigError, STMIConfig, apply_overrides, coerce, field_types
+from stmi.config import ConfigError, STMIConfig, apply_overrides, coerce, field_types, unknown_field_message
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 TOP_KEYS = {"kind", "description", "params", "start", "fixed", "variants", "metric", "mode"}
@@ -183,8 +183,7 @@ class _Errors:
 
 def _param(err: _Errors, types: dict[str, Any], name: str, spec: Any) -> ParamSpec:
     if name not in types:
-        close = [k for k in types if k.split(".")[-1].lower() == str(name).split(".")[-1].lower()]
-        err(f"params.{name}: unknown config field" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        err(f"params.{name}: {unknown_field_message(str(name), types)}")
     if not isinstance(spec, dict) or "type" not in spec:
         err(f"params.{name}: expected a mapping with 'type' (float | int | choice)")
     t = spec["type"]
@@ -242,7 +241,7 @@ def _overrides(err: _Errors, mapping: Any, where: str) -> dict[str, Any]:
     out = {}
     for k, v in mapping.items():
         if k not in types:
-            err(f"{where}.{k}: unknown config field")
+            err(f"{where}.{k}: {unknown_field_message(str(k), types)}")
         try:
             out[k] = coerce(k, v, types[k])
         except ConfigError as e:

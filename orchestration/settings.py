@@ -18,11 +18,6 @@ ENV = {
     "prefix": "STMI_S3_PREFIX",
     "tracking_uri": "MLFLOW_TRACKING_URI",
 }
-#: The variables a Ray worker needs to reach S3 and MLflow (names only: values stay in the environment).
-FORWARDED_ENV = (
-    "STMI_S3_ENDPOINT", "STMI_S3_BUCKET", "STMI_S3_PREFIX", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN",
-)
 #: Values that must never reach params, tags, artifacts or logs.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 

@@ -5,25 +5,39 @@ One dataclass per concern (model, data, optimisation), gathered in :class:`STMIC
 flat dicts over dotted field names (``model.alpha_init``) applied with :func:`apply_overrides`, which
 uses ``dataclasses.replace`` and checks every name and type, so a typo fails before anything starts.
 
-Values the paper does not publish (alpha/beta init, p, tau) are our defaults; each field says so.
+Values the paper does not publish (alpha/beta init, p, tau) are our defaults; each field says so. Every field, with
+its type, default and meaning, is listed in docs/config.md (generated from this file by :func:`fields_reference`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-DatasetName = Literal["rgbnt201", "rgbnt100", "msvr310"]
-DATASETS: tuple[str, ...] = ("rgbnt201", "rgbnt100", "msvr310")
+FIELDS_DOC = "docs/config.md"
+"""Where every config field is listed (the pointer unknown-field errors give)."""
+
+
+def __getattr__(name: str) -> Any:
+    # ``DATASETS`` is the dataset registry's name tuple (``stmi.data.datasets.LAYOUTS``), looked up on first use:
+    # importing the data package here at import time would be circular (its loaders import this module).
+    if name == "DATASETS":
+        from stmi.data.datasets import DATASETS
+
+        return DATASETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The STMI model (SPEC.md section 2)."""
+    """The STMI model (paper eq. 1-20; the choices the paper leaves open: docs/design.md)."""
 
     clip_model: str = "ViT-B-16"
     """open_clip model config name; ``stmi-tiny`` is the tiny registered config for tests and the demo."""
@@ -94,7 +108,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data is and how it is read (SPEC.md section 3, DATASETS.md)."""
+    """Where the data is and how it is read (layouts and formats: docs/datasets.md)."""
 
     dataset: str = "rgbnt201"
     """rgbnt201 | rgbnt100 | msvr310."""
@@ -113,8 +127,6 @@ class DataConfig:
     flip_p: float = 0.5
     pad: int = 10
     erasing_p: float = 0.5
-    context_length: int = 77
-    """Caption token length (the CLIP text tower's context)."""
 
 
 @dataclass(frozen=True)
@@ -243,9 +255,7 @@ def apply_overrides(cfg: STMIConfig, overrides: dict[str, Any]) -> STMIConfig:
     top: dict[str, Any] = {}
     for name, value in overrides.items():
         if name not in types_:
-            close = [k for k in types_ if k.split(".")[-1].lower() == name.split(".")[-1].lower()]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config field {name!r}{hint}")
+            raise ConfigError(unknown_field_message(name, types_))
         v = coerce(name, value, types_[name])
         if "." in name:
             sec, leaf = name.split(".", 1)
@@ -254,6 +264,72 @@ def apply_overrides(cfg: STMIConfig, overrides: dict[str, Any]) -> STMIConfig:
             top[name] = v
     changes = {sec: dataclasses.replace(getattr(cfg, sec), **vals) for sec, vals in per_section.items()}
     return dataclasses.replace(cfg, **changes, **top)
+
+
+def unknown_field_message(name: str, names: typing.Iterable[str] | None = None) -> str:
+    """``unknown config field 'model.taus' (did you mean model.tau?); every field, ... is listed in docs/config.md``.
+
+    Close matches: the same leaf in another section or in another case (``data.K`` -> ``model.K``), then names whose
+    leaf is close by ``difflib`` (``model.alhpa_init`` -> ``model.alpha_init``), those of the same section first.
+    """
+    names = list(field_types() if names is None else names)
+    section, _, leaf = name.rpartition(".")
+    close = [k for k in names if k.rpartition(".")[2].lower() == leaf.lower()]
+    leaves: dict[str, list[str]] = {}
+    for k in names:
+        leaves.setdefault(k.rpartition(".")[2], []).append(k)
+    for match in difflib.get_close_matches(leaf, leaves, n=3, cutoff=0.7):
+        ranked = sorted(leaves[match], key=lambda k: k.rpartition(".")[0] != section)
+        close += [k for k in ranked if k not in close]
+    hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
+    return f"unknown config field {name!r}{hint}; every field, with its type and default, is listed in {FIELDS_DOC}"
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after a field) of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    out: dict[str, str] = {}
+    for node, nxt in zip(body, [*body[1:], None]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    return (getattr(tp, "__name__", None) if isinstance(tp, type) else None) or str(tp).replace("typing.", "")
+
+
+def fields_reference() -> str:
+    """The Markdown of docs/config.md: every field of :class:`STMIConfig` with its type, default and docstring.
+
+    Regenerate the file after changing a field: ``make docs`` (a test fails while it is stale).
+    """
+    lines = ["# Configuration fields", "",
+             "Generated from `stmi/config.py` by `stmi.config.fields_reference()` (`make docs`); do not edit by hand.",
+             "", "Every name below can be overridden with `--set NAME=VALUE` (train, sweep) or searched in a",
+             "`search_spaces/*.yaml` file. Recipes (`stmi/recipes.py`) set some of them per dataset: the defaults",
+             "shown here are the dataclass defaults, before any recipe.", ""]
+    default = STMIConfig()
+    for f in dataclasses.fields(STMIConfig):
+        section = getattr(default, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        cls = type(section)
+        docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+        lines += [f"## `{f.name}`: {(cls.__doc__ or '').strip().splitlines()[0]}", "",
+                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        for sub in dataclasses.fields(cls):
+            value = getattr(section, sub.name)
+            shown = "x".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+            text = docs.get(sub.name, "").replace("|", "\\|")
+            tp = _type_name(hints[sub.name]).replace("|", "\\|")
+            lines.append(f"| `{f.name}.{sub.name}` | {tp} | `{shown}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 ``stmi_loss`` sums, over every feature the model produced (``G``, ``U``, ``T``; an ablation may drop some),
 ``cfg.ce_weight * CE_ls(logits_F) + cfg.triplet_weight * triplet(F)``. The CE uses the post-BNNeck logits,
-the triplet the pre-BN feature (BNNeck convention). Defaults 0.25 / 1.0 follow SPEC 2.
+the triplet the pre-BN feature (BNNeck convention). Defaults 0.25 / 1.0 are the anchors' (docs/design.md).
 """
 
 from __future__ import annotations

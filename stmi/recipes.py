@@ -1,9 +1,11 @@
 """Named recipes: functions returning a complete :class:`~stmi.config.STMIConfig` for a dataset.
 
-One function per recipe, not copied YAML files (STYLE.md: recipes are code so they cannot drift). A recipe is the
+One function per recipe, not copied YAML files: recipes are code so they cannot drift apart. A recipe is the
 starting point; command-line overrides and search spaces are applied on top with :func:`stmi.config.apply_overrides`.
+Per-dataset values (input size, the anchors' batch, camera count) come from the dataset registry
+(``stmi.data.datasets.LAYOUTS``), not from tables of their own here.
 
-``paper``: the STMI paper / anchor settings (DATASETS.md "Training recipes of the anchors").
+``paper``: the STMI paper / anchor settings (docs/design.md "Training recipe").
     ViT-B-16 with OpenAI weights, inputs 256x128 (RGBNT201, persons) or 128x256 (RGBNT100, MSVR310, vehicles);
     P x K batches 72/8 (RGBNT201, the paper), 64/8 (MSVR310), 128/16 (RGBNT100) as the anchors; Adam, weight decay
     1e-4, lr 3.5e-6 with 5 warmup epochs then cosine down to 3.5e-7, the same lr for every parameter (IDEA's
@@ -24,37 +26,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from stmi.config import DATASETS, STMIConfig, apply_overrides
+from stmi.config import STMIConfig, apply_overrides
+from stmi.data.datasets import DATASETS, LAYOUTS, Layout
 
-#: Input (H, W) per dataset kind for the paper recipe.
-PAPER_IMAGE_SIZE = {"rgbnt201": (256, 128), "rgbnt100": (128, 256), "msvr310": (128, 256)}
-#: (batch size, instances per identity) of the anchors.
-PAPER_BATCH = {"rgbnt201": (72, 8), "msvr310": (64, 8), "rgbnt100": (128, 16)}
-#: Cameras per dataset (DATASETS.md): RGBNT201 cam1-4, RGBNT100 c1-8, MSVR310 0-7.
-NUM_CAMERAS = {"rgbnt201": 4, "rgbnt100": 8, "msvr310": 8}
-PAPER_EPOCHS = {"rgbnt201": 50, "rgbnt100": 50, "msvr310": 50}
-DEMO_IMAGE_SIZE = {"rgbnt201": (64, 32), "rgbnt100": (32, 64), "msvr310": (32, 64)}
+PAPER_EPOCHS = 50
+"""Epochs of the paper recipe, the same for every dataset (see the module docstring)."""
+DEMO_DOWNSCALE = 4
+"""The demo's input is the real frame size divided by this: 64x32 persons, 32x64 vehicles (8 patches of 16 px)."""
 
 
-def _check_dataset(dataset: str) -> str:
-    d = dataset.lower()
-    if d not in DATASETS:
+def _layout(dataset: str) -> Layout:
+    layout = LAYOUTS.get(dataset.lower())
+    if layout is None:
         raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    return d
+    return layout
 
 
 def paper(dataset: str) -> STMIConfig:
     """The paper's recipe for ``dataset`` (see the module docstring for every choice)."""
-    d = _check_dataset(dataset)
-    batch, k = PAPER_BATCH[d]
+    layout = _layout(dataset)
+    batch, k = layout.anchor_batch
     return apply_overrides(STMIConfig(), {
         "recipe": "paper",
         "model.clip_model": "ViT-B-16",
         "model.pretrained": "openai",
-        "model.image_size": PAPER_IMAGE_SIZE[d],
+        "model.image_size": layout.frame_hw,
         "model.use_sie": True,
-        "model.num_cameras": NUM_CAMERAS[d],
-        "data.dataset": d,
+        "model.num_cameras": layout.num_cameras,
+        "data.dataset": layout.name,
         "data.batch_size": batch,
         "data.num_instances": k,
         "optim.lr": 3.5e-6,
@@ -63,23 +62,24 @@ def paper(dataset: str) -> STMIConfig:
         "optim.weight_decay": 1e-4,
         "optim.warmup_epochs": 5,
         "optim.warmup_factor": 0.1,
-        "optim.epochs": PAPER_EPOCHS[d],
+        "optim.epochs": PAPER_EPOCHS,
         "optim.seed": 1111,
     })
 
 
 def demo(dataset: str) -> STMIConfig:
     """The demo recipe: tiny model, small inputs, synthetic-data-sized batches, a fast-learning lr."""
-    d = _check_dataset(dataset)
+    layout = _layout(dataset)
+    h, w = layout.frame_hw
     return apply_overrides(STMIConfig(), {
         "recipe": "demo",
         "model.clip_model": "stmi-tiny",
         "model.pretrained": None,
-        "model.image_size": DEMO_IMAGE_SIZE[d],
+        "model.image_size": (h // DEMO_DOWNSCALE, w // DEMO_DOWNSCALE),
         "model.use_sie": True,
-        "model.num_cameras": NUM_CAMERAS[d],
+        "model.num_cameras": layout.num_cameras,
         "model.K": 2,
-        "data.dataset": d,
+        "data.dataset": layout.name,
         "data.batch_size": 16,
         "data.num_instances": 4,
         "data.num_workers": 0,

@@ -1,4 +1,7 @@
-"""CHI against its definition (SPEC 2): the incidence by an explicit loop, the convolution by dense matrices."""
+"""CHI against its definition (paper eq. 14-16, docs/design.md "CHI").
+
+The incidence is checked against an explicit loop, the convolution against dense matrices.
+"""
 
 from __future__ import annotations
 

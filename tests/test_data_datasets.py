@@ -277,5 +277,7 @@ def test_check_reports_every_problem_and_exits_1(root: Path, capsys: pytest.Capt
     for needle in ("TI/000003_cam2_0_00.jpg", "test/RGB/000260_cam1_0_00.jpg", "person.jpg"):
         assert needle in joined
     assert data_main(["check", "--dataset", "rgbnt201", "--root", str(root)]) == 1
-    table = capsys.readouterr().out
-    assert "3 error(s)" in table and "person.jpg" in table and "(33.3%)" in table
+    captured = capsys.readouterr()
+    assert "3 error(s)" in captured.out and "(33.3%)" in captured.out and "person.jpg" not in captured.out
+    errors = captured.err.splitlines()
+    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors) and "person.jpg" in captured.err

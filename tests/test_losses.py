@@ -1,4 +1,4 @@
-"""Losses against hand computations (SPEC 2, eq. 19-20)."""
+"""Losses against hand computations (paper eq. 19-20)."""
 
 from __future__ import annotations
 

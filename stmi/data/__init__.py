@@ -1,7 +1,7 @@
 """Data: readers of RGBNT201 / RGBNT100 / MSVR310, paired transforms, the P x K sampler and the run's loaders.
 
-See docs/ARCHITECTURE.md (``stmi.data``) and SPEC.md section 3. ``python -m stmi.data synth|check`` makes a
-synthetic dataset or validates a real one.
+See docs/ARCHITECTURE.md (``stmi.data``) and docs/datasets.md (layouts, masks, captions). ``python -m stmi.data
+synth|check`` makes a synthetic dataset or validates a real one.
 """
 
 from stmi.data.dataset import TripletDataset

@@ -1,24 +1,26 @@
-"""``python -m stmi.data synth|check``: make a synthetic dataset, or validate a dataset before a sweep."""
+"""``stmi-data synth|check`` (or ``python -m stmi.data``): make a synthetic dataset, or validate a real one."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from stmi.data.datasets import LAYOUTS, DatasetError
+from stmi.data.datasets import DATASETS, DatasetError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m stmi.data",
-        description="Dataset tools for RGBNT201, RGBNT100 and MSVR310 (layouts as in DATASETS.md).",
+        prog="stmi-data" if os.path.basename(sys.argv[0]) == "stmi-data" else "python -m stmi.data",
+        description="Dataset tools for RGBNT201, RGBNT100 and MSVR310 (layouts, masks and captions: "
+                    "docs/datasets.md).",
         epilog="Examples:\n"
                "  python -m stmi.data synth --dataset rgbnt201 --out /tmp/synth --ids 10\n"
                "  python -m stmi.data check --dataset rgbnt201 --root /tmp/synth",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{synth,check}")
-    names = sorted(LAYOUTS)
+    names = list(DATASETS)
 
     s = sub.add_parser(
         "synth", help="write a synthetic dataset in the real layout, with masks and captions",
@@ -37,11 +39,13 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a dataset: counts per split and every problem, by path",
         description="Read every split as training would, decode every image and mask, and report the counts per "
                     "split (identities, triplets, cameras, triplets with a mask, triplets with a caption) and every "
-                    "problem found, each naming its path. Exit status 0 when there is no error, 1 otherwise.")
+                    "problem found, each naming its path. The counts go to stdout, each problem to stderr as one "
+                    "'error: ...' line. Exit status 0 when there is no error, 1 otherwise.")
     c.add_argument("--dataset", required=True, choices=names, help="which layout to read")
     c.add_argument("--root", required=True, help="folder that contains the dataset folder (e.g. RGBNT201/)")
     c.add_argument("--json", action="store_true",
-                   help='print one JSON object {"train": {...}, "query": {...}, "gallery": {...}, "errors": [...]}')
+                   help='print one JSON object {"train": {...}, "query": {...}, "gallery": {...}, "errors": [...]} '
+                        'to stdout instead (the errors are in it, nothing goes to stderr)')
     return p
 
 
@@ -62,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     from stmi.data.check import check_dataset
 
     report = check_dataset(args.dataset, args.root, progress=not args.json and sys.stderr.isatty())
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.table())
+        if report.errors:
+            print(report.error_lines(), file=sys.stderr)
     return 0 if report.ok else 1
 
 

@@ -37,7 +37,10 @@ class CheckReport:
         return {**self.splits, "errors": list(self.errors)}
 
     def table(self) -> str:
-        """The same content as :meth:`to_json` for a human, with the shares of masks and captions."""
+        """The counts of :meth:`to_json` for a human, with the shares of masks and captions, and the error count.
+
+        The errors themselves are not in it: the command line prints them to stderr (:meth:`error_lines`).
+        """
         lines = [f"{self.dataset} under {self.root}", ""]
         lines.append(f"{'split':<8} {'ids':>6} {'images':>8} {'cameras':>8} {'masks':>16} {'captions':>16}")
         for s, st in self.splits.items():
@@ -46,12 +49,12 @@ class CheckReport:
             caps = f"{st['captions']} ({100 * st['captions'] / n:.1f}%)"
             lines.append(f"{s:<8} {st['ids']:>6} {st['images']:>8} {st['cameras']:>8} {masks:>16} {caps:>16}")
         lines.append("")
-        if self.errors:
-            lines.append(f"{len(self.errors)} error(s):")
-            lines.extend(f"  - {e}" for e in self.errors)
-        else:
-            lines.append("no errors")
+        lines.append(f"{len(self.errors)} error(s), listed on stderr" if self.errors else "no errors")
         return "\n".join(lines)
+
+    def error_lines(self) -> str:
+        """One ``error: <problem naming its path and the fix>`` line per problem."""
+        return "\n".join(f"error: {e}" for e in self.errors)
 
 
 def _split_stats(records: list[Triplet]) -> dict[str, int]:

@@ -1,4 +1,7 @@
-"""Readers of the three dataset layouts (DATASETS.md), masks and per-triplet captions (SPEC.md section 3).
+"""Readers of the three dataset layouts, masks and per-triplet captions (docs/datasets.md), and the registry of
+dataset facts (:data:`LAYOUTS`): every per-dataset value the code needs (folders, name parser, camera range, frame
+size, the anchors' batch) lives in one :class:`Layout`, which recipes, the synthetic generator and the command lines
+read instead of keeping their own tables.
 
 Users already hold RGBNT201, RGBNT100 and MSVR310 in the layouts of the reference code; we read them exactly so,
 without renaming, and avoid that code's faults: names are parsed on the file name (never the whole path, so a root
@@ -149,8 +152,11 @@ class Layout:
     cam_range: tuple[int, int]
     """Camera numbers as written in names, inclusive; stored minus ``cam_range[0]`` (0-based)."""
     frame_hw: tuple[int, int]
-    """(H, W) of one modality frame in the real data (what the synthetic generator writes)."""
+    """(H, W) of one modality frame in the real data: what the synthetic generator writes and the input size the
+    paper trains at (256x128 persons, 128x256 vehicles)."""
     modality_folders: tuple[str, str, str]
+    anchor_batch: tuple[int, int]
+    """(batch size, instances per identity) the paper and its anchors train this dataset with (P x K sampler)."""
     packed: bool = False
     """Three modalities side by side in one file (RGBNT100)."""
     uses_scenes: bool = False
@@ -160,6 +166,11 @@ class Layout:
     """Each split holds one folder per identity (MSVR310 ``<vid>/``)."""
     format_name: Callable[[int, int, int, int], str] | None = None
     """``(pid, camera as written, scene, index) -> file name`` in the dataset's convention (synthetic data)."""
+
+    @property
+    def num_cameras(self) -> int:
+        """Cameras of the dataset (the size of ``cam_range``): the SIE embedding's table size."""
+        return self.cam_range[1] - self.cam_range[0] + 1
 
     @property
     def shared_query_gallery(self) -> bool:
@@ -197,9 +208,9 @@ def _subdir(parent: Path, name: str, rep: Reporter) -> Path | None:
     wrong = [e for e in entries if e.lower() == name.lower() and (parent / e).is_dir()]
     if wrong:
         rep.error(f"found folder {parent / wrong[0]} but expected {parent / name}: folder names are case-sensitive "
-                  f"(DATASETS.md); rename it to {name!r}")
+                  f"(docs/datasets.md); rename it to {name!r}")
     else:
-        rep.error(f"missing folder {parent / name}; see DATASETS.md for the expected layout")
+        rep.error(f"missing folder {parent / name}; see docs/datasets.md for the expected layout")
     return None
 
 
@@ -285,23 +296,27 @@ LAYOUTS: dict[str, Layout] = {
         split_folders={"train": "train_171", "query": "test", "gallery": "test"},
         text_splits={"train": "train", "query": "test", "gallery": "test"},
         parse=parse_rgbnt201, lister=_list_rgbnt201, pid_range=(0, 999_999), cam_range=(1, 4),
-        frame_hw=(256, 128), modality_folders=("RGB", "NI", "TI"), kind="person",
+        frame_hw=(256, 128), modality_folders=("RGB", "NI", "TI"), anchor_batch=(72, 8), kind="person",
         format_name=_name_rgbnt201),
     "rgbnt100": Layout(
         name="rgbnt100", folder="RGBNT100", subdir=("rgbir",),
         split_folders={"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"},
         text_splits={"train": "train", "query": "test", "gallery": "test"},
         parse=parse_rgbnt100, lister=_list_rgbnt100, pid_range=(1, 600), cam_range=(1, 8),
-        frame_hw=(128, 256), modality_folders=("", "", ""), packed=True, kind="vehicle",
+        frame_hw=(128, 256), modality_folders=("", "", ""), anchor_batch=(128, 16), packed=True, kind="vehicle",
         format_name=_name_rgbnt100),
     "msvr310": Layout(
         name="msvr310", folder="MSVR310", subdir=(),
         split_folders={"train": "bounding_box_train", "query": "query3", "gallery": "bounding_box_test"},
         text_splits={"train": "train", "query": "test", "gallery": "test"},
         parse=parse_msvr310, lister=_list_msvr310, pid_range=(0, 9999), cam_range=(0, 7),
-        frame_hw=(128, 256), modality_folders=("vis", "ni", "th"), uses_scenes=True, kind="vehicle", id_folders=True,
-        format_name=_name_msvr310),
+        frame_hw=(128, 256), modality_folders=("vis", "ni", "th"), anchor_batch=(64, 8), uses_scenes=True,
+        kind="vehicle", id_folders=True, format_name=_name_msvr310),
 }
+"""The registry of dataset facts: dataset name -> :class:`Layout`."""
+
+DATASETS: tuple[str, ...] = tuple(LAYOUTS)
+"""The dataset names, in the order the sweep runs them (``stmi.config.DATASETS`` is this tuple)."""
 
 
 def get_layout(dataset: str) -> Layout:
@@ -372,9 +387,10 @@ def _read_caption_file(path: Path, rep: Reporter) -> dict[str, str]:
 def load_captions(dataset_root: Path, text_split: str, rep: Reporter | None = None) -> dict[str, str]:
     """Captions of one split (``train`` or ``test``) as ``{RGB file name: description}``.
 
-    Reads ``text/<split>.json`` (one caption per triplet, SPEC.md section 3); when it is absent, IDEA's per-modality
-    ``text/<split>_{RGB,NI,TI}.json``, joining the non-empty descriptions of a triplet in RGB, NI, TI order. No file
-    at all -> ``{}`` (the triplets have no caption). Descriptions may be empty; callers treat empty as missing.
+    Reads ``text/<split>.json`` (one caption per triplet, docs/datasets.md "Captions"); when it is absent, IDEA's
+    per-modality ``text/<split>_{RGB,NI,TI}.json``, joining the non-empty descriptions of a triplet in RGB, NI, TI
+    order. No file at all -> ``{}`` (the triplets have no caption). Descriptions may be empty; callers treat empty as
+    missing.
     """
     rep = rep or Reporter(strict=True)
     text = dataset_root / "text"
@@ -441,7 +457,7 @@ def _read_split(layout: Layout, droot: Path, split: str, rep: Reporter,
             name=e.name, rgb=e.rgb, nir=e.nir, tir=e.tir, pid=pid, camid=cam - lo_c, sceneid=scene, mask=m,
             caption=desc.strip() if desc and desc.strip() else None, frames=e.frames, split_folder=folder))
     if not out and len(rep.errors) == errors_before:
-        rep.error(f"empty split: no images in {split_dir}; copy the {split} images there (DATASETS.md)")
+        rep.error(f"empty split: no images in {split_dir}; copy the {split} images there (layouts: docs/datasets.md)")
     out.sort(key=lambda t: t.name)
     return out
 
@@ -475,7 +491,7 @@ class DatasetSplits:
 
     @property
     def missing_captions(self) -> dict[str, int]:
-        """Triplets without a caption per split (SPEC: counted and logged, the model sees an empty caption)."""
+        """Triplets without a caption per split (counted and logged; the model sees an empty caption)."""
         return {s: sum(t.caption is None for t in getattr(self, s)) for s in SPLITS}
 
 

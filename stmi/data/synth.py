@@ -1,4 +1,4 @@
-"""Synthetic datasets in the real layouts, with masks and captions (SPEC.md section 3).
+"""Synthetic datasets in the real layouts, with masks and captions (docs/datasets.md).
 
 What makes it a useful test bed rather than noise:
 

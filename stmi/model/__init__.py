@@ -1,4 +1,7 @@
-"""The STMI model (SPEC.md section 2). Importing it registers the tiny open_clip config ``stmi-tiny``."""
+"""The STMI model (paper eq. 1-20; open choices in docs/design.md).
+
+Importing it registers the tiny open_clip config ``stmi-tiny``.
+"""
 
 from stmi.model import backbone  # noqa: F401 - registers "stmi-tiny" with open_clip on import
 from stmi.model.sfm import sfm_attention

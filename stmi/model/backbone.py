@@ -260,12 +260,13 @@ class VisualEncoder(nn.Module):
     (:class:`SFMParams`, absent with ``use_sfm=False``) and ``sie_embed``.
 
     SIE: a learnable camera table (``num_cameras x width``, trunc-normal std 0.02) scaled by ``sie_coef`` is added
-    to the CLS token after the positional embedding and before ``ln_pre``. TransReID adds it to every token; SPEC 2
-    puts it on CLS only, which leaves the patch tokens (and so the SFM logits between patches) camera-agnostic.
+    to the CLS token after the positional embedding and before ``ln_pre``. TransReID adds it to every token; we
+    put it on CLS only (docs/design.md), which leaves the patch tokens (and so the SFM logits between patches)
+    camera-agnostic.
     Without ``camid`` no SIE term is added, so inference without a camera id works.
 
     The token mask is used as given: perturbation (training only) is the caller's job (``STMI`` perturbs once per
-    forward and passes the same mask to every layer, as SPEC 2 requires).
+    forward and passes the same mask to every layer, docs/design.md "SFM").
 
     Args:
         clip_visual: an open_clip ``VisionTransformer`` with standard blocks (as in every OpenAI/open_clip ViT).

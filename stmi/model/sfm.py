@@ -1,4 +1,4 @@
-"""Segmentation-guided feature modulation (SFM, paper eq. 1-8; SPEC.md section 2).
+"""Segmentation-guided feature modulation (SFM, paper eq. 1-8; choices: docs/design.md "SFM").
 
 Per attention layer and head, with unscaled logits ``A = q k^T`` and the token mask ``m`` (CLS at index 0, always 1)::
 

@@ -1,6 +1,6 @@
 """The STMI model: CLIP backbone with SFM, STR, token fusion (CHI), global fusion and BNNeck heads.
 
-Data flow of one forward (SPEC 2, docs/ARCHITECTURE.md)::
+Data flow of one forward (docs/ARCHITECTURE.md, docs/design.md)::
 
     mask --patch_token_mask--> m --perturb (training)--> m'  (one per triplet, shared by modalities and layers)
     rgb/nir/tir --VisualEncoder(m', camid)--> (B, N+1, D) each: CLS -> g_m, patches -> F_m
@@ -28,7 +28,7 @@ Whenever ``U`` is absent, ``retrieval_feature`` ``U`` or ``GU`` falls back to ``
 identically to the L2-normalised ``[G; G]``).
 
 Text: with ``use_text`` the caption feature T is appended to the STR queries and supervised; ``text=None``
-means empty captions (SPEC 2: a triplet without a caption uses the empty caption). Camera: ``camid=None``
+means empty captions (a triplet without a caption uses the empty caption, docs/design.md). Camera: ``camid=None``
 runs without the SIE term. Masks: samples with ``has_mask=False`` (or no mask at all) get plain attention.
 """
 

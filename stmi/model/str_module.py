@@ -61,8 +61,8 @@ class SemanticTokenReallocation(nn.Module):
     """STR for the three modalities (RGB, NIR, TIR).
 
     The queries are always modality-specific (``queries`` has shape (3, K, D), trunc-normal 0.02 init like
-    ViT's CLS token). With ``share_weights`` (the default, SPEC 2) one cross-attention/FFN block serves all
-    three modalities and the three are run as one batch of 3B, which is both the paper's weight sharing
+    ViT's CLS token). With ``share_weights`` (the default, docs/design.md "STR") one cross-attention/FFN block serves
+    all three modalities and the three are run as one batch of 3B, which is both the paper's weight sharing
     and the faster path; otherwise each modality has its own block.
 
     Args:

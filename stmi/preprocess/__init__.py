@@ -1,6 +1,6 @@
 """Offline preprocessing: foreground masks and multi-modal captions (``python -m stmi.preprocess masks|captions``).
 
-Neither runs during training; both write the formats of SPEC.md section 3 next to the dataset, read back by
+Neither runs during training; both write the formats of docs/datasets.md next to the dataset, read back by
 ``stmi.data``. Modules: ``thermal`` (weight-free thermal masks), ``sam2_predictor`` (optional SAM2 refinement),
 ``masks`` (the masks command), ``attributes`` (schemas, prompt, reply parsing, fusion, template), ``chat_client``
 (OpenAI-compatible chat-completions over urllib, retries), ``captions`` (the captions command).

@@ -1,7 +1,7 @@
-"""``python -m stmi.preprocess masks|captions``: make the masks and captions STMI trains with (SPEC.md section 3).
+"""``python -m stmi.preprocess masks|captions``: make the masks and captions STMI trains with (docs/datasets.md).
 
-Both commands read the dataset through ``stmi.data`` (the real layouts of DATASETS.md) and write next to it; neither
-runs during training. Exit codes: 0 success, 1 some triplets failed (listed), 2 the run could not start or was
+Both commands read the dataset through ``stmi.data`` (the real layouts of docs/datasets.md) and write next to it;
+neither runs during training. Exit codes: 0 success, 1 some triplets failed (listed), 2 the run could not start or was
 stopped (the message says what to fix).
 """
 

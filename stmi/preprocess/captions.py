@@ -7,7 +7,7 @@ reply is a JSON list of (attribute, value, confidence) over the fixed schema of 
 (:func:`stmi.preprocess.attributes.fuse`); the description is the deterministic template of the fused attributes,
 optionally reworded by the LLM (``rewrite``).
 
-Outputs, beside the dataset's other caption files (SPEC.md section 3):
+Outputs, beside the dataset's other caption files (docs/datasets.md "Captions"):
 
 - ``text/{train,test}.json``: ``[{"item": <RGB file name>, "description": ...}]`` (query and gallery share ``test``);
 - ``text/{train,test}.audit.json``: per triplet, every source's parsed attributes (accepted and rejected with the

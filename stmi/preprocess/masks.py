@@ -1,10 +1,10 @@
-"""``python -m stmi.preprocess masks``: one foreground mask per triplet, in the format of SPEC.md section 3.
+"""``python -m stmi.preprocess masks``: one foreground mask per triplet, in the format of docs/datasets.md "Masks".
 
 Masks go to ``<dataset dir>/masks/<split folder>/<stem of the RGB file>.png``: single-channel PNG of one modality
 frame's size, 0 = background, 255 = foreground. The run is resumable: an existing mask is kept unless
 ``overwrite``, and each mask is written to a temporary file then renamed, so an interrupted run never leaves a
 half-written mask that the next run would skip. A triplet where no foreground is found gets no mask file (the model
-then uses plain attention for it, SPEC.md section 2, instead of an all-background mask that would suppress
+then uses plain attention for it (docs/design.md "SFM") instead of an all-background mask that would suppress
 everything) and is listed in the summary by path.
 """
 
