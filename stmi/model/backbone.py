@@ -270,7 +270,7 @@ class VisualEncoder(nn.Module):
     Args:
         clip_visual: an open_clip ``VisionTransformer`` with standard blocks (as in every OpenAI/open_clip ViT).
         cfg: ``use_sfm``, ``sfm_sharing``, ``sfm_layers``, ``alpha_init``, ``beta_init``, ``use_sie``,
-            ``num_cameras``, ``sie_coef`` are read.
+            ``num_cameras``, ``sie_coef``, ``sfm_kernel`` are read.
         num_cameras: overrides ``cfg.num_cameras`` when given.
     """
 
@@ -296,6 +296,7 @@ class VisualEncoder(nn.Module):
         self.width = int(clip_visual.conv1.out_channels)
         self.num_layers = len(blocks)
         self.num_heads = int(blocks[0].attn.num_heads)
+        self.sfm_kernel = cfg.sfm_kernel
         self.sfm: SFMParams | None = None
         if cfg.use_sfm:
             self.sfm = SFMParams(self.num_layers, self.num_heads, cfg.sfm_sharing, cfg.sfm_layers,
@@ -318,7 +319,7 @@ class VisualEncoder(nn.Module):
         if token_mask is None or alpha is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = sfm_attention(q, k, v, token_mask, alpha, beta)
+            out = sfm_attention(q, k, v, token_mask, alpha, beta, kernel=self.sfm_kernel)
         return attn.out_proj(out.transpose(1, 2).reshape(bsz, length, width))
 
     def forward(
