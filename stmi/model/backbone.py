@@ -353,6 +353,8 @@ class VisualEncoder(nn.Module):
                                  f"(ModelConfig.num_cameras); got shape {tuple(camid.shape)}, "
                                  f"range [{int(camid.min())}, {int(camid.max())}]")
             cls = cls + self.sie_coef * self.sie_embed[camid].to(t.dtype).unsqueeze(1)
+        elif self.sie_embed is not None and self.training and torch.is_grad_enabled():
+            cls = cls + 0.0 * self.sie_embed.sum().to(t.dtype)  # a zero gradient, so DDP sees every parameter
         t = torch.cat([cls, t], dim=1) + vis.positional_embedding.to(t.dtype)
         t = vis.ln_pre(t)
 
@@ -365,6 +367,10 @@ class VisualEncoder(nn.Module):
             gate = sfm_active.to(device=t.device, dtype=t.dtype).view(bsz, 1)
             if not bool(sfm_active.any()):
                 mask = None
+        if mask is None and self.sfm is not None and self.training and torch.is_grad_enabled():
+            # No sample of this batch is modulated: alpha/beta still get a (zero) gradient, so a DDP rank with
+            # such a batch does not leave them out (DDP runs without find_unused_parameters).
+            t = t + 0.0 * (self.sfm.sfm_alpha.sum() + self.sfm.sfm_beta.sum()).to(t.dtype)
         for i, block in enumerate(vis.transformer.resblocks):
             ab = self.sfm.get(i) if mask is not None else None
             alpha = beta = None
