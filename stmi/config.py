@@ -93,6 +93,9 @@ class ModelConfig:
     """Which post-BN features form the retrieval embedding."""
     num_classes: int = 0
     """Training identities (set by the data pipeline)."""
+    sfm_kernel: Literal["auto", "flex", "explicit"] = "auto"
+    """SFM attention kernel: ``flex`` (compiled flex_attention), ``explicit`` (custom autograd over explicit
+    logits) or ``auto`` (flex on CUDA, explicit on CPU, where it is the faster; benchmarks/sfm_attention.py)."""
 
 
 @dataclass(frozen=True)

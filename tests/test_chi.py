@@ -102,3 +102,16 @@ def test_edge_weights_receive_gradient() -> None:
     chi(torch.randn(2, 5, 4)).pow(2).sum().backward()
     w = chi.layers[0].edge_weight
     assert w.grad is not None and math.isfinite(w.grad.abs().sum().item()) and w.grad.abs().sum() > 0
+
+
+def test_incidence_under_bf16_autocast_equals_fp32() -> None:
+    """A crowded hypergraph: many cosines sit near tau, where a bf16 Gram matrix flips incidences."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 1, 512, generator=g)
+    nodes = base + 0.9 * torch.randn(16, 15, 512, generator=g)  # 15 nodes per sample, cosines spread around 0.55
+    tau = float(F.cosine_similarity(nodes[:, :, None], nodes[:, None], dim=-1).median())
+    ref = hypergraph_incidence(nodes, tau)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hypergraph_incidence(nodes, tau)
+    assert got.dtype == torch.float32 and 0 < ref.mean() < 1
+    assert torch.equal(got, ref), int((got != ref).sum())

@@ -85,3 +85,35 @@ def test_stmi_loss_sums_weighted_terms() -> None:
     total2, terms2 = stmi_loss(SimpleNamespace(feats=feats, logits={}), pids, LossConfig(triplet_margin=0.5))
     assert set(terms2) == {"G_tri", "U_tri", "T_tri"}
     assert total2.item() == pytest.approx(sum(TripletLoss(0.5)(f, pids).item() for f in feats.values()), rel=1e-6)
+
+
+def _reid_like_features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """72 = 9 x 8 features of width 1536 and norm ~17 with identities clustered, as a trained model's G/U are."""
+    g = torch.Generator().manual_seed(seed)
+    pids = torch.arange(9).repeat_interleave(8)
+    centres = torch.randn(9, 1536, generator=g)
+    feats = centres[pids] + 0.6 * torch.randn(72, 1536, generator=g)
+    feats = 17.0 * feats / feats.norm(dim=1, keepdim=True)
+    return feats.to(torch.bfloat16).float(), pids  # values a bf16 model emits
+
+
+def test_distances_and_triplet_under_bf16_autocast_equal_fp32() -> None:
+    feats, pids = _reid_like_features()
+    ref_d = euclidean_dist(feats)
+    tri = TripletLoss()
+    ref_ap, ref_an, _ = tri.hardest(feats, pids)
+    x_ref = feats.clone().requires_grad_()
+    tri(x_ref, pids).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = euclidean_dist(feats.to(torch.bfloat16))
+        d_ap, d_an, _ = tri.hardest(feats.to(torch.bfloat16), pids)
+        x = feats.clone().requires_grad_()
+        loss = tri(x, pids)
+    loss.backward()
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d, ref_d, atol=1e-3, rtol=1e-5)
+    # The same hardest pairs are chosen (compared by distance value: a bf16 Gram matrix changed ~half of them).
+    torch.testing.assert_close(d_ap, ref_ap, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(d_an, ref_an, atol=1e-3, rtol=1e-5)
+    rel = (x.grad - x_ref.grad).norm() / x_ref.grad.norm()
+    assert rel < 1e-3, rel

@@ -213,3 +213,100 @@ def test_sfm_params_sharing_and_layer_subsets() -> None:
     assert early.get(2) is None
     with pytest.raises(ValueError, match="sfm_sharing"):
         SFMParams(4, 3, "per-token", "all")  # type: ignore[arg-type]
+
+
+def test_bf16_autocast_keeps_alpha_beta_and_their_gradients_fp32() -> None:
+    """Under bf16 autocast q/k/v are bf16; alpha/beta and their gradient sums over B H L L terms stay fp32."""
+    g = torch.Generator().manual_seed(4)
+    b, h, n, d = 6, 4, 65, 32
+    x = torch.randn(b, n, 3 * h * d, generator=g)
+    m = (torch.rand(b, n, generator=g) < 0.5).float()
+    m[:, 0] = 1
+    grad = torch.randn(b, h, n, d, generator=g)
+
+    def qkv(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0))
+
+    alpha = torch.tensor(0.3, requires_grad=True)
+    beta = torch.tensor(0.2, requires_grad=True)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sfm_attention(*qkv(xb), m, alpha, beta)
+    assert out.dtype == torch.bfloat16
+    ga, gb = torch.autograd.grad(out, (alpha, beta), grad.to(torch.bfloat16))
+    assert ga.dtype == gb.dtype == torch.float32
+    # Reference: the same bf16 inputs, everything else in fp64.
+    a64, b64 = alpha.detach().double().requires_grad_(), beta.detach().double().requires_grad_()
+    ref = naive_sfm(*qkv(xb.detach().double()), m.double(), a64, b64)
+    ra, rb = torch.autograd.grad(ref, (a64, b64), grad.to(torch.bfloat16).double())
+    # bf16 logits / probabilities / dL/dZ made these 0.2-8 % wrong (ViT shapes); fp32 inside leaves the rounding
+    # of the bf16 output only.
+    assert abs(ga.item() - ra.item()) < 1e-3 * abs(ra.item()), (ga.item(), ra.item())
+    assert abs(gb.item() - rb.item()) < 1e-3 * abs(rb.item()), (gb.item(), rb.item())
+    assert (out.double() - ref).abs().max() < 1e-2
+
+
+def test_kernel_selection() -> None:
+    assert sfm_mod.resolve_sfm_kernel("auto", "cpu") == "explicit"
+    assert sfm_mod.resolve_sfm_kernel("auto", "cuda") == "flex"
+    assert sfm_mod.resolve_sfm_kernel("flex", "cpu") == "flex"
+    with pytest.raises(ValueError, match="sfm_kernel"):
+        sfm_mod.resolve_sfm_kernel("triton", "cpu")
+
+
+@pytest.mark.parametrize("kind", ["per-head", "per-sample"])
+def test_flex_formulation_forward_and_gradients_match_naive(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path (flex forward and flex's own backward through the captured score_mod terms) on torch's
+    uncompiled flex reference, in fp64: the score_mod, the captured-buffer gradients and the row max/min path."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *a: None)  # the reference runs on CPU; the kernel does not
+    q, k, v, m = make(6)
+    if kind == "per-sample":
+        alpha = torch.tensor([[0.3, 0.1], [0.0, 0.0], [0.9, -0.2]], dtype=q.dtype, requires_grad=True)
+        beta = torch.tensor([[0.2, 0.5], [0.0, 0.0], [0.1, 1.2]], dtype=q.dtype, requires_grad=True)
+    else:
+        alpha = torch.tensor([0.3, -0.5], dtype=q.dtype, requires_grad=True)
+        beta = torch.tensor([0.7, 1.3], dtype=q.dtype, requires_grad=True)
+    grad = torch.randn(B, H, L, D, dtype=q.dtype, generator=torch.Generator().manual_seed(5))
+    inputs = (q, k, v, alpha, beta)
+    a2, b2 = sfm_mod._as_bh(alpha, "alpha", B, H, q), sfm_mod._as_bh(beta, "beta", B, H, q)
+    out = sfm_mod._sfm_flex_autograd(q, k, v, m, a2, b2, flex=fa.flex_attention)
+    ref = naive_sfm(q, k, v, m, alpha, beta)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    ours = torch.autograd.grad(out, inputs, grad)
+    theirs = torch.autograd.grad(ref, inputs, grad)
+    for name, a, b in zip("q k v alpha beta".split(), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda s, n=name: f"grad {n}: {s}")
+
+
+def test_compiled_flex_kernel_matches_equations_and_saves_no_attention_matrix() -> None:
+    """The compiled flex kernel (CPU: flex forward, explicit backward recomputing the probabilities) in fp32 against
+    eq. 3-8 in fp64. One compilation (about a minute on a CPU), so one shape only."""
+    g = torch.Generator().manual_seed(7)
+    b, h, n, d = 3, 2, 17, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    m = (torch.rand(b, n, generator=g) < 0.5).double()
+    m[:, 0] = 1
+    alpha = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    beta = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    grad = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, alpha, beta)]
+    ref = naive_sfm(ref_in[0], ref_in[1], ref_in[2], m, ref_in[3], ref_in[4])
+    ref_grads = torch.autograd.grad(ref, ref_in, grad)
+    ins = [t.float().requires_grad_() for t in (q, k, v, alpha, beta)]
+    big: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= b * h * n * n:
+            big.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sfm_attention(ins[0], ins[1], ins[2], m.float(), ins[3], ins[4], kernel="flex")
+    assert big == []  # nothing of size (B, H, L, L) is kept for backward
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+    grads = torch.autograd.grad(out, ins, grad.float())
+    for name, a, r in zip("q k v alpha beta".split(), grads, ref_grads):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-5, msg=lambda s, nm=name: f"grad {nm}: {s}")
+    assert (out - F.scaled_dot_product_attention(ins[0], ins[1], ins[2])).abs().max() > 1e-2

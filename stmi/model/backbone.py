@@ -271,7 +271,7 @@ class VisualEncoder(nn.Module):
     Args:
         clip_visual: an open_clip ``VisionTransformer`` with standard blocks (as in every OpenAI/open_clip ViT).
         cfg: ``use_sfm``, ``sfm_sharing``, ``sfm_layers``, ``alpha_init``, ``beta_init``, ``use_sie``,
-            ``num_cameras``, ``sie_coef`` are read.
+            ``num_cameras``, ``sie_coef``, ``sfm_kernel`` are read.
         num_cameras: overrides ``cfg.num_cameras`` when given.
     """
 
@@ -297,6 +297,7 @@ class VisualEncoder(nn.Module):
         self.width = int(clip_visual.conv1.out_channels)
         self.num_layers = len(blocks)
         self.num_heads = int(blocks[0].attn.num_heads)
+        self.sfm_kernel = cfg.sfm_kernel
         self.sfm: SFMParams | None = None
         if cfg.use_sfm:
             self.sfm = SFMParams(self.num_layers, self.num_heads, cfg.sfm_sharing, cfg.sfm_layers,
@@ -319,7 +320,7 @@ class VisualEncoder(nn.Module):
         if token_mask is None or alpha is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = sfm_attention(q, k, v, token_mask, alpha, beta)
+            out = sfm_attention(q, k, v, token_mask, alpha, beta, kernel=self.sfm_kernel)
         return attn.out_proj(out.transpose(1, 2).reshape(bsz, length, width))
 
     def forward(
@@ -353,6 +354,8 @@ class VisualEncoder(nn.Module):
                                  f"(ModelConfig.num_cameras); got shape {tuple(camid.shape)}, "
                                  f"range [{int(camid.min())}, {int(camid.max())}]")
             cls = cls + self.sie_coef * self.sie_embed[camid].to(t.dtype).unsqueeze(1)
+        elif self.sie_embed is not None and self.training and torch.is_grad_enabled():
+            cls = cls + 0.0 * self.sie_embed.sum().to(t.dtype)  # a zero gradient, so DDP sees every parameter
         t = torch.cat([cls, t], dim=1) + vis.positional_embedding.to(t.dtype)
         t = vis.ln_pre(t)
 
@@ -365,6 +368,10 @@ class VisualEncoder(nn.Module):
             gate = sfm_active.to(device=t.device, dtype=t.dtype).view(bsz, 1)
             if not bool(sfm_active.any()):
                 mask = None
+        if mask is None and self.sfm is not None and self.training and torch.is_grad_enabled():
+            # No sample of this batch is modulated: alpha/beta still get a (zero) gradient, so a DDP rank with
+            # such a batch does not leave them out (DDP runs without find_unused_parameters).
+            t = t + 0.0 * (self.sfm.sfm_alpha.sum() + self.sfm.sfm_beta.sum()).to(t.dtype)
         for i, block in enumerate(vis.transformer.resblocks):
             ab = self.sfm.get(i) if mask is not None else None
             alpha = beta = None

@@ -31,12 +31,16 @@ def hypergraph_incidence(nodes: torch.Tensor, tau: float) -> torch.Tensor:
     Returns:
         (B, V, V) float tensor in {0, 1}; ``[b, i, j] = 1`` when node i belongs to the hyperedge of node j,
         i.e. ``cos(h_i, h_j) >= tau``. The diagonal is forced to 1 (a node is in its own hyperedge even when
-        ``tau`` exceeds the rounding of ``cos(h, h) = 1``, or for an all-zero node). No gradient.
+        ``tau`` exceeds the rounding of ``cos(h, h) = 1``, or for an all-zero node). No gradient. The cosines
+        are computed in fp32 with autocast disabled, so bf16 training builds the same hypergraph as fp32.
     """
     if nodes.dim() != 3:
         raise ValueError(f"hypergraph_incidence expects nodes of shape (B, V, D), got {tuple(nodes.shape)}")
-    n = F.normalize(nodes.float(), dim=-1)
-    inc = (n @ n.transpose(1, 2) >= tau).to(nodes.dtype)
+    # fp32 with autocast off: a bf16 cosine (autocast would run the matmul in bf16 even after .float()) flips
+    # the near-threshold incidences.
+    with torch.autocast(device_type=nodes.device.type, enabled=False):
+        n = F.normalize(nodes.float(), dim=-1)
+        inc = (n @ n.transpose(1, 2) >= tau).to(nodes.dtype)
     inc.diagonal(dim1=1, dim2=2).fill_(1.0)
     return inc
 
