@@ -556,9 +556,10 @@ class Service:
             return False
         self.check_ports()
         cmd = self.command()
+        self.config.write_secrets()
         self.prepare()
         for d in (self.pid_file.parent, self.log_file.parent):
-            d.mkdir(parents=True, exist_ok=True)
+            _private_dir(d)
         env = self.child_env()
         with open(self.log_file, "ab") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
