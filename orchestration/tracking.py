@@ -468,7 +468,7 @@ def _driver_state(run: Any, jobs: list[dict[str, Any]] | None, untagged_dead: bo
 
 def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any]] | None = None,
                     experiment_ids: Iterable[str] | None = None, untagged_dead: bool = False,
-                    log_fn: Callable[[str], None] | None = None) -> list[str]:
+                    stopped_jobs: Iterable[str] = (), log_fn: Callable[[str], None] | None = None) -> list[str]:
     """Mark KILLED the platform's runs still RUNNING whose driver is gone; returns their ids.
 
     A run is the platform's when it has a run key. Its driver is gone when its Ray job (tags
@@ -481,6 +481,8 @@ def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any
         experiment_ids: Where to look (default: every active experiment).
         untagged_dead: Treat runs without any driver identity as dead (right after the Ray head was started:
             no driver of the old cluster can be alive).
+        stopped_jobs: Submission ids of jobs just stopped: their runs that their driver already ended KILLED
+            get :data:`RESUME_TAG` too when it lacks it.
     """
     from mlflow.entities import RunTag
 
@@ -502,6 +504,12 @@ def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any
             say(f"run {run.info.run_id} ({run.data.tags.get(RUN_KEY_TAG)}) was RUNNING but {why}: marked KILLED; "
                 f"resume with: {cmd}")
             reaped.append(run.info.run_id)
+        for sub in set(stopped_jobs):
+            killed = cl.search_runs(ids[i:i + 100], filter_string=f"attributes.status = 'KILLED' and "
+                                    f"tags.`stmi.ray.submission_id` = '{sub}'", max_results=5000)
+            for run in killed:
+                if RESUME_TAG not in run.data.tags:
+                    cl.set_tag(run.info.run_id, RESUME_TAG, resume_command(run, cl))
     return reaped
 
 

@@ -945,7 +945,8 @@ class LocalStack:
         self.reap(log, fresh_ray=ray_started)
         return env_file
 
-    def reap(self, log: Callable[[str], None] = print, fresh_ray: bool = False) -> list[str]:
+    def reap(self, log: Callable[[str], None] = print, fresh_ray: bool = False,
+             stopped_jobs: Iterable[str] = ()) -> list[str]:
         """Mark KILLED (with the command that resumes them) the runs still RUNNING whose driver is gone.
 
         Args:
@@ -956,7 +957,7 @@ class LocalStack:
             from orchestration.tracking import reap_stale_runs
 
             return reap_stale_runs(self.config.tracking_uri, jobs=self.jobs(), untagged_dead=fresh_ray,
-                                   log_fn=lambda m: log(f"mlflow  {m}"))
+                                   stopped_jobs=stopped_jobs, log_fn=lambda m: log(f"mlflow  {m}"))
         except Exception as e:  # noqa: BLE001 - never block `up`/`down` on the reaper; say what happened
             log(f"mlflow  could not check for runs left RUNNING by dead drivers: {type(e).__name__}: {e}")
             return []
@@ -1019,7 +1020,7 @@ class LocalStack:
         if self.ray.pid() is not None:
             stopped = self.stop_jobs(log)
             if stopped and self.mlflow.pid() is not None:
-                self.reap(log)
+                self.reap(log, stopped_jobs=stopped)
         for svc in reversed(self.services):
             try:
                 stopped = svc.stop()
