@@ -207,11 +207,40 @@ class RunLogger:
                 self._ops.popleft()
                 self._cond.notify_all()
 
+    def _server_up(self) -> tuple[bool, str]:
+        """A cheap probe (``GET /health``, 3 s) so that a write is only tried when the server answers.
+
+        MLflow's client retries an HTTP call for minutes with growing back-off; probing first keeps the flusher
+        from sleeping inside those retries while the server is already back.
+        """
+        import urllib.error
+        import urllib.request
+
+        uri = self.tracking_uri or ""
+        if not uri.startswith(("http://", "https://")):
+            return True, ""
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3):
+                return True, ""
+        except urllib.error.HTTPError as e:
+            return e.code < 500, f"GET /health answered {e.code}"
+        except Exception as e:  # noqa: BLE001 - refused, timeout, DNS
+            return False, f"{type(e).__name__}: {e}"
+
     def _retry(self, fn: Callable[[], Any], what: str) -> Any:
         """Call ``fn`` until it succeeds; a permanent error is logged and dropped (returns None)."""
         first_failure: float | None = None
         delay = 0.5
         while True:
+            up, reason = self._server_up()
+            if not up:
+                if first_failure is None:
+                    first_failure = time.monotonic()
+                    log.warning("MLflow at %s unreachable (%s); training goes on, %d write(s) buffered and retried "
+                                "until it answers", self.tracking_uri, redact(reason)[:300], self.pending)
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_interval_s)
+                continue
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - any failure of the server or the network
