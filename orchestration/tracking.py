@@ -551,8 +551,18 @@ def ray_jobs(dashboard_url: str | None = None, token: str | None = None, timeout
     import urllib.request
 
     url = dashboard_url or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_DASHBOARD_ADDRESS")
+    ray = sys.modules.get("ray")
+    if not url and ray is not None and ray.is_initialized():  # a job's driver: the cluster it is connected to
+        try:
+            from ray._private.worker import get_dashboard_url
+
+            url = get_dashboard_url()
+        except Exception:  # noqa: BLE001 - no dashboard
+            url = None
     if not url:
         return None
+    if "://" not in url:
+        url = f"http://{url}"
     if token is None:
         token = os.environ.get("RAY_AUTH_TOKEN")
         path = os.environ.get("RAY_AUTH_TOKEN_PATH")
