@@ -442,3 +442,42 @@ def _answers_http_without_token(host: str, port: int) -> bool:
         if 200 <= code < 300:
             return True
     return False
+
+
+# ------------------------------------------------------------------------------------------ the reaper's rules
+def _fake_run(tags: dict[str, str]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(data=SimpleNamespace(tags=tags), info=SimpleNamespace(run_id="r1"))
+
+
+def test_reaper_decides_from_the_ray_job_or_the_driver_pid() -> None:
+    import socket
+
+    from orchestration.tracking import _driver_state, resume_command
+
+    job = {"stmi.ray.submission_id": "raysubmit_1", "stmi.run_key": "train/x"}
+    assert _driver_state(_fake_run(job), [{"submission_id": "raysubmit_1", "status": "RUNNING"}], False)[0] is True
+    assert _driver_state(_fake_run(job), [{"submission_id": "raysubmit_1", "status": "STOPPED"}], False)[0] is False
+    assert _driver_state(_fake_run(job), [], False)[0] is False  # a restarted head forgot it: dead
+    assert _driver_state(_fake_run(job), None, False)[0] is None  # Ray cannot be asked: left alone
+    trial = {"stmi.ray.job_id": "03000000", "stmi.run_key": "sweep/s/rgbnt201/t1"}
+    assert _driver_state(_fake_run(trial), [{"job_id": "03000000", "status": "RUNNING"}], False)[0] is True
+    me = psutil.Process()
+    local = {"stmi.driver.host": socket.gethostname(), "stmi.driver.pid": str(me.pid),
+             "stmi.driver.started": f"{me.create_time():.0f}"}
+    assert _driver_state(_fake_run(local), None, False)[0] is True
+    assert _driver_state(_fake_run({**local, "stmi.driver.started": "1"}), None, False)[0] is False  # pid reused
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert _driver_state(_fake_run({**local, "stmi.driver.pid": dead.stdout.strip()}), None, False)[0] is False
+    assert _driver_state(_fake_run({**local, "stmi.driver.host": "elsewhere"}), None, False)[0] is None
+    assert _driver_state(_fake_run({}), [], False)[0] is None and _driver_state(_fake_run({}), [], True)[0] is False
+
+    cmd = "python orchestration/train.py --epochs 3"
+    assert resume_command(_fake_run({"stmi.run_key": "train/r1", "stmi.command": cmd})) == \
+        "ray job submit -- python orchestration/train.py --epochs 3 --name r1"
+    assert resume_command(_fake_run({"stmi.run_key": "sweep/s1/rgbnt201/t3"})) == \
+        "ray job submit -- python orchestration/sweep.py --name s1 --resume"
+    given = "python orchestration/sweep.py --name s1 --resume --num-samples 4"
+    assert resume_command(_fake_run({"stmi.run_key": "sweep/s1/rgbnt201", "stmi.command": given})) == \
+        "ray job submit -- " + given
