@@ -188,7 +188,10 @@ def fit(cfg: STMIConfig, run_name: str, *, settings: Any, run_id: str | None, wo
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name, **storage,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # Worker errors (a failed checkpoint upload included) restart the group from the last checkpoint up to
+            # max_failures times; controller errors that Ray can retry get the same budget. S3 outages do not
+            # count: the storage filesystem retries until S3 answers (settings.RetryingFileSystemHandler).
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=[no_retry_on_data_error(), *(callbacks or [])],
             worker_runtime_env={"env_vars": settings.worker_env()} if settings is not None else None,

@@ -37,7 +37,7 @@ class S3Server:
         endpoint: ``http://127.0.0.1:<port>``.
         bucket: The bucket (already created).
         prefix: Key prefix the platform writes under (MLflow artifacts under ``<prefix>/mlflow``).
-        access_key: S3 access key (also ``AWS_ACCESS_KEY_ID`` in :attr:`env`).
+        access_key: S3 access key (in the 0600 file ``AWS_SHARED_CREDENTIALS_FILE`` of :attr:`env` names).
         secret_key: S3 secret key.
         region: Region name clients announce.
         env: The S3 part of the environment contract (``STMI_S3_*``, ``AWS_*``, ``MLFLOW_S3_ENDPOINT_URL``).
@@ -92,7 +92,9 @@ class RayCluster:
     Attributes:
         address: GCS address ``127.0.0.1:<port>`` (``ray.init(address=...)``, ``RAY_ADDRESS``).
         dashboard_url: ``http://127.0.0.1:<port>`` (``ray job submit --address``).
-        env: The whole environment contract (S3, MLflow, ``RAY_ADDRESS``, ``RAY_API_SERVER_ADDRESS``).
+        env: The whole environment contract (S3 with the credentials file, MLflow, ``RAY_ADDRESS``,
+            ``RAY_API_SERVER_ADDRESS``, ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN_PATH``): a client without it
+            is refused by the head.
         temp_dir: Ray's temp dir (session logs under ``<temp_dir>/session_latest/logs``).
         num_cpus: CPUs it advertises.
     """

@@ -23,7 +23,10 @@ import yaml
 CLUSTER = Path(__file__).resolve().parents[1] / "infra" / "cluster"
 K8S_FILES = sorted((CLUSTER / "k8s").glob("*.yaml"))
 RAY_UP = CLUSTER / "ray-up" / "aws-gpu.yaml"
-SECRET_VARS = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "POSTGRES_PASSWORD", "AWS_SESSION_TOKEN"}
+SECRET_VARS = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "POSTGRES_PASSWORD", "AWS_SESSION_TOKEN",
+               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME",
+               "MLFLOW_TRACKING_USERNAME", "RAY_AUTH_TOKEN"}
+CREDENTIALS_FILE = "/etc/stmi/s3/credentials"
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -156,11 +159,24 @@ def test_containers_have_images_resources_and_secret_refs() -> None:
                     assert name in config_maps, f"{where}: ConfigMap {name} is not defined"
                     names |= set(config_maps[name])
                 if obj["kind"] in ("RayCluster", "RayJob") or c["name"] == "mlflow":
-                    need = {"STMI_S3_BUCKET", "STMI_S3_PREFIX", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+                    need = {"STMI_S3_BUCKET", "STMI_S3_PREFIX", "AWS_SHARED_CREDENTIALS_FILE"}
                     if obj["kind"] != "Deployment":
-                        need.add("MLFLOW_TRACKING_URI")
+                        need |= {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
                     assert need <= names, f"{where}: missing {sorted(need - names)}"
+                    # The S3 keys by file only: a Ray driver's AWS_* values would be copied into runtime_envs.
+                    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & names, f"{where}: S3 keys in env"
+                    env = {e["name"]: e for e in c.get("env", [])}
+                    assert env["AWS_SHARED_CREDENTIALS_FILE"]["value"] == CREDENTIALS_FILE, where
+                    mount = next(m for m in c["volumeMounts"] if CREDENTIALS_FILE.startswith(m["mountPath"] + "/"))
+                    assert mount.get("readOnly") is True, where
+                    vol = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+                    assert vol["secret"]["defaultMode"] == 0o400, where
+                    assert vol["secret"]["secretName"] in secrets, where
+                    assert [i["key"] for i in vol["secret"]["items"]] == ["credentials"], where
+                    assert "credentials" in secrets[vol["secret"]["secretName"]], where
     assert n_containers == 6  # postgres, mlflow, head + GPU worker of the RayCluster and of the RayJob
+    text = "\n".join(f.read_text() for f in K8S_FILES)
+    assert not re.search(r"(AWS_SECRET_ACCESS_KEY|aws_secret_access_key)\s*[:=]\s*(?!CHANGE_ME|%s|\$)\S", text)
     for cm in config_maps.values():
         assert not SECRET_VARS & set(cm), "credentials belong in a Secret, not a ConfigMap"
 
@@ -255,3 +271,33 @@ def test_mlflow_accepts_the_tracking_uri_host_the_cluster_uses() -> None:
     assert not is_allowed_host_header(allowed, "evil.example.com")
     svc = next(s for s in by_kind("Service") if s["metadata"]["name"] == "mlflow")
     assert uri.hostname.split(".")[0] == "mlflow" and uri.port == svc["spec"]["ports"][0]["port"]
+
+
+def test_ray_clusters_require_the_token_and_mlflow_requires_a_login() -> None:
+    """Nobody reaching the cluster network submits a job or reads a run without credentials."""
+    for name, spec in ray_cluster_specs():
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: Ray token authentication is off"
+        major, minor = (int(x) for x in spec["rayVersion"].split(".")[:2])
+        assert (major, minor) >= (2, 52), f"{name}: token authentication needs Ray >= 2.52"
+    (mlflow,) = by_kind("Deployment")
+    pod = mlflow["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = c["args"]
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    env = {e["name"]: e for e in c["env"]}
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "stmi-mlflow-auth"
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    mount = next(m for m in c["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
+    vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (auth_secret,) = [s for s in by_kind("Secret") if s["metadata"]["name"] == vol["secret"]["secretName"]]
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(auth_secret["stringData"][Path(config_path).name])
+    assert ini["mlflow"]["database_uri"].startswith("postgresql://")  # users survive a restart of the pod
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    # The probes still work: MLflow's auth app leaves /health open (mlflow/server/auth: _UNPROTECTED_PATH_PREFIXES).
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+    # The image has the auth app's dependencies (mlflow[auth]: Flask-WTF).
+    assert "mlflow[auth]" in (CLUSTER / "Dockerfile").read_text()

@@ -70,7 +70,11 @@ def test_stack_up_use_down(tmp_path: Path) -> None:
     # The env file: private, and the exact contract (sourcing it in bash gives the same values).
     env_file = state / "env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE((state / "credentials.json").stat().st_mode) == 0o600
+    for private in ("credentials.json", "aws_credentials", "ray_token", "s3.json", "s3/security.toml"):
+        assert stat.S_IMODE((state / private).stat().st_mode) == 0o600, private
+    assert config.secret_key not in env_file.read_text() and config.ray_token not in env_file.read_text()
+    for d in (state, config.ray_tmp, state / "logs", state / "s3", state / "mlflow"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     sourced = subprocess.run(["bash", "-c", f"source {env_file} && env -0"], capture_output=True, check=True).stdout
     sourced_env = dict(item.split("=", 1) for item in sourced.decode().split("\0") if "=" in item)
     env = config.env()
@@ -109,9 +113,11 @@ def test_stack_up_use_down(tmp_path: Path) -> None:
     assert s3.get_object(Bucket="stmi", Key=expected)["Body"].read() == b"artifact body 42"
 
     # Ray: a real `ray job submit` (address from the env file) sees the settings the user did not pass to it.
-    script = ("import os, sys; print('SEEN', *[os.environ.get(k, 'MISSING') for k in "
+    # The S3 keys reach it through the 0600 credentials file its environment names, never as values in it.
+    script = ("import os, sys, boto3; boto3.client('s3', endpoint_url=os.environ['STMI_S3_ENDPOINT'])"
+              ".head_bucket(Bucket='stmi'); print('SEEN', *[os.environ.get(k, 'MISSING') for k in "
               "('MLFLOW_TRACKING_URI', 'STMI_S3_ENDPOINT', 'STMI_S3_BUCKET', 'STMI_S3_PREFIX')], "
-              "os.environ.get('AWS_SECRET_ACCESS_KEY') == " + repr(config.secret_key) + ", os.getcwd(), sys.prefix)")
+              "not any(" + repr(config.secret_key) + " in v for v in os.environ.values()), os.getcwd(), sys.prefix)")
     job_env = {**os.environ, **sourced_env}  # as a user after `source .stmi/env`
     job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--", "python", "-c", script],
                          env=job_env, capture_output=True, text=True, timeout=180, check=False)

@@ -13,6 +13,12 @@ DESCRIPTION = """\
 The local STMI stack: a SeaweedFS S3 server with the bucket, an MLflow tracking server (SQLite backend,
 artifacts in the bucket) and a Ray head with its dashboard, all on 127.0.0.1. `up` and `down` are
 idempotent. After `up`, Ray jobs see the S3 and MLflow settings; for your shell: `source .stmi/env`.
+
+Security: Ray's token authentication is on (the token is in <state-dir>/ray_token; `.stmi/env` points Ray's
+clients at it), the S3 keys are in <state-dir>/aws_credentials (named by AWS_SHARED_CREDENTIALS_FILE), and
+SeaweedFS's own HTTP APIs refuse unsigned requests; everything under <state-dir> is private to you.
+`down` stops running Ray jobs first and waits for them; runs left RUNNING by a dead driver are marked KILLED
+(tag stmi.resume_command says how to resume) by `down` and by the next `up`.
 """
 
 EPILOG = """\
@@ -20,7 +26,8 @@ examples:
   python -m infra.local up                      start everything (ports 8333 S3, 5000 MLflow, 8265 Ray dashboard)
   python -m infra.local up --mlflow-port 5050   another MLflow port (saved: status/down follow it)
   python -m infra.local status                  health of each service; exit code 1 if one is unhealthy
-  python -m infra.local down                    stop everything, nothing left running
+  python -m infra.local down                    stop running jobs (their runs end KILLED, resumable), then
+                                                everything; nothing left running
   python -m infra.local demo                    all of the above + the demo sweep and a report (make demo)
 """
 
@@ -45,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{up,down,status,demo}")
     sub.add_parser("up", parents=[common, up_only], help="start S3 + bucket, MLflow and the Ray head",
                    description="Start what is not running yet and wait until it answers; writes <state-dir>/env.")
-    sub.add_parser("down", parents=[common], help="stop everything (harmless when nothing runs)",
-                   description="Stop the Ray head, MLflow and S3 with every process they spawned.")
+    sub.add_parser("down", parents=[common], help="stop jobs, then everything (harmless when nothing runs)",
+                   description="Stop running Ray jobs (SIGTERM, up to 60 s each to end their runs) and wait for "
+                               "them, mark their runs KILLED with the command that resumes them, then stop the Ray "
+                               "head, MLflow and S3 with every process they spawned.")
     sub.add_parser("status", parents=[common], help="health of each service",
                    description="Check each service: S3 ListBuckets, MLflow /health, Ray dashboard + GCS.")
     demo = sub.add_parser("demo", parents=[common, up_only],

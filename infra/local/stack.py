@@ -7,10 +7,21 @@ The state lives under one directory::
 
     <state_dir>/stack.json        ports, bucket and prefix used by the last `up` (so `status`/`down` agree)
     <state_dir>/credentials.json  the S3 access/secret key, generated once, mode 0600
+    <state_dir>/aws_credentials   the same keys as an AWS shared-credentials file (AWS_SHARED_CREDENTIALS_FILE), 0600
+    <state_dir>/ray_token         Ray's authentication token (RAY_AUTH_TOKEN_PATH), generated once, mode 0600
     <state_dir>/env               the environment contract for clients (`source .stmi/env`), mode 0600
     <state_dir>/pids/<svc>.pid    the session leader of each service
+    <state_dir>/stopped_jobs.json the Ray jobs `down` stopped (their runs are marked KILLED with a resume hint)
     <state_dir>/logs/<svc>.log    stdout/stderr of each service
-    <state_dir>/s3/ mlflow/       SeaweedFS data, the MLflow SQLite database
+    <state_dir>/s3/ mlflow/       SeaweedFS data (with its security.toml), the MLflow SQLite database
+
+Security: every directory is private to the user (0700, files 0600: the servers run with umask 077). Ray's
+token authentication is on (``RAY_AUTH_MODE=token``): Ray listens on more than loopback whatever
+``--node-ip-address`` says, so every Ray request needs the token. The S3 keys reach servers, jobs and Train
+workers only through a 0600 shared-credentials file named by ``AWS_SHARED_CREDENTIALS_FILE`` in the environment of
+the processes, never as values in an environment a runtime_env would copy (Ray logs runtime_envs and returns them
+from its state API). SeaweedFS signs its filer and volume HTTP APIs with JWT keys (``security.toml``), so the only
+way into the bucket is S3 with the keys.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ LOOPBACK = "127.0.0.1"
 # Ray places unix sockets under <temp_dir>/session_<date>_<pid>/sockets/plasma_store (~62 more characters);
 # Linux limits socket paths to 107, so a longer temp dir moves to a short path under /tmp.
 _MAX_RAY_TEMP_DIR = 40
+#: Seconds `ray job stop` (and `down`) wait after SIGTERM before Ray SIGKILLs a job's driver (Ray's default: 3).
+JOB_STOP_WAIT_S = 60
 
 
 class StackError(RuntimeError):
@@ -137,9 +150,21 @@ def port_is_free(port: int) -> bool:
         s.close()
 
 
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it private to the user (0700), also when it already exists."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+#: Credentials a caller's environment may hold that must not reach the servers (theirs come from files).
+_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+                "RAY_AUTH_TOKEN")
+
+
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` readable by the owner only (0600), also when the file already exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -228,6 +253,32 @@ class StackConfig:
         return creds
 
     @property
+    def aws_credentials_file(self) -> Path:
+        """The S3 keys as an AWS shared-credentials file (boto3, pyarrow and the AWS SDKs read it), mode 0600."""
+        return Path(self.state_dir).resolve() / "aws_credentials"
+
+    def write_aws_credentials(self) -> Path:
+        f = self.aws_credentials_file
+        _write_private(f, f"[default]\naws_access_key_id = {self.access_key}\n"
+                          f"aws_secret_access_key = {self.secret_key}\n")
+        return f
+
+    @property
+    def ray_token_file(self) -> Path:
+        """Ray's authentication token (``RAY_AUTH_TOKEN_PATH``), mode 0600."""
+        return Path(self.state_dir).resolve() / "ray_token"
+
+    @cached_property
+    def ray_token(self) -> str:
+        """The Ray token, generated once (as ``ray get-auth-token --generate`` would: 32 random bytes, hex)."""
+        f = self.ray_token_file
+        if f.exists() and f.read_text().strip():
+            return f.read_text().strip()
+        token = secrets.token_hex(32)
+        _write_private(f, token + "\n")
+        return token
+
+    @property
     def access_key(self) -> str:
         """The S3 access key (generated on first use, kept in ``credentials.json``)."""
         return self._credentials["access_key"]
@@ -264,16 +315,21 @@ class StackConfig:
         if len(str(inside)) <= _MAX_RAY_TEMP_DIR:
             return inside
         digest = hashlib.sha1(str(inside).encode()).hexdigest()[:10]
-        return Path(tempfile.gettempdir()) / f"stmi-ray-{digest}"
+        # A private (0700) parent: Ray makes its temp dir world-writable (0777).
+        return Path(tempfile.gettempdir()) / f"stmi-{digest}" / "ray"
 
     def s3_env(self) -> dict[str, str]:
-        """What an S3 client needs: endpoint, bucket, prefix and credentials."""
+        """What an S3 client needs: endpoint, bucket, prefix and where the credentials are (a 0600 file).
+
+        The keys themselves are never values of this environment: Ray Tune copies ``AWS_ACCESS_KEY_ID`` /
+        ``AWS_SECRET_ACCESS_KEY`` of a driver into its trials' runtime_env, which Ray writes to its logs and
+        returns from its state API. ``AWS_SHARED_CREDENTIALS_FILE`` is only a path.
+        """
         return {
             "STMI_S3_ENDPOINT": self.s3_endpoint,
             "STMI_S3_BUCKET": self.bucket,
             "STMI_S3_PREFIX": self.prefix,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.aws_credentials_file),
             "AWS_DEFAULT_REGION": self.region,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
         }
@@ -282,22 +338,28 @@ class StackConfig:
         """The environment contract (docs/ARCHITECTURE.md): everything a client of the stack reads.
 
         ``RAY_ADDRESS`` is the GCS address (``ray.init()`` would treat an ``http://`` value as a Ray Client
-        address); ``ray job submit`` prefers ``RAY_API_SERVER_ADDRESS``, the dashboard URL. ``RAY_AUTH_MODE``
-        is ``disabled`` for the head and its clients alike.
+        address); ``ray job submit`` prefers ``RAY_API_SERVER_ADDRESS``, the dashboard URL. Ray's token
+        authentication is on for the head and its clients alike; the token is read from ``RAY_AUTH_TOKEN_PATH``.
         """
         return {
             **self.s3_env(),
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "RAY_ADDRESS": self.ray_address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
-            # Ray turns token auth on by itself once any local `ray.init()` wrote ~/.ray/auth_token; the stack
-            # must behave the same on every machine, and it listens on loopback only.
-            "RAY_AUTH_MODE": "disabled",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
         }
+
+    def write_secrets(self) -> None:
+        """The credential files every server and client reads (idempotent; all 0600)."""
+        _private_dir(Path(self.state_dir))
+        self.write_aws_credentials()
+        self.ray_token  # noqa: B018 - generates the token file once
 
     def write_env_file(self) -> Path:
         """Write ``<state_dir>/env`` (``source`` it in a shell), readable by the owner only."""
-        lines = ["# The local STMI stack's settings; written by `python -m infra.local up`. Contains secrets."]
+        lines = ["# The local STMI stack's settings; written by `python -m infra.local up`. The credentials stay in",
+                 "# the 0600 files it names (aws_credentials, ray_token)."]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
         path = Path(self.state_dir) / "env"
         _write_private(path, "\n".join(lines) + "\n")
@@ -421,8 +483,13 @@ class Service:
         return {}
 
     def child_env(self) -> dict[str, str]:
-        """The full environment of the server process."""
-        return {**os.environ, **self.extra_env()}
+        """The full environment of the server process.
+
+        Without AWS keys or a Ray token the caller's shell may hold: the stack's own credential files must win
+        (keys in the environment take precedence over the file), and values must not travel in environments.
+        """
+        inherited = {k: v for k, v in os.environ.items() if k not in _SECRET_VARS}
+        return {**inherited, **self.extra_env()}
 
     def health(self) -> str | None:
         """None when the service answers as it should, else a one-line reason."""
@@ -430,6 +497,10 @@ class Service:
 
     def prepare(self) -> None:
         """Create files the service needs before it starts."""
+
+    def workdir(self) -> Path:
+        """The server's working directory (default: :attr:`StackConfig.cwd`)."""
+        return Path(self.config.cwd)
 
     def after_start(self) -> None:
         """Work that needs the running service (e.g. creating the bucket); runs on every `up`."""
@@ -485,15 +556,16 @@ class Service:
             return False
         self.check_ports()
         cmd = self.command()
+        self.config.write_secrets()
         self.prepare()
         for d in (self.pid_file.parent, self.log_file.parent):
-            d.mkdir(parents=True, exist_ok=True)
+            _private_dir(d)
         env = self.child_env()
         with open(self.log_file, "ab") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    cwd=str(self.config.cwd), start_new_session=True)
+                                    cwd=str(self.workdir()), start_new_session=True, umask=0o077)
         self.pid_file.write_text(f"{proc.pid}\n")
         try:
             self._wait_healthy(proc.pid, timeout=self.start_timeout)
@@ -594,10 +666,12 @@ class Service:
         return ServiceStatus(self.name, True, reason is None, pid, self.url, reason or "healthy")
 
 
-def _http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+def _http_get(url: str, timeout: float = 3.0, headers: dict[str, str] | None = None, method: str = "GET",
+              limit: int | None = 4096) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read(4096).decode(errors="replace")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(limit).decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, ""
 
@@ -638,8 +712,9 @@ class SeaweedS3(Service):
         return [weed, f"-logdir={self.log_file.parent / 'weed'}", "mini", *(f"-{k}={v}" for k, v in flags.items())]
 
     def prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.log_file.parent / "weed").mkdir(parents=True, exist_ok=True)
+        _private_dir(self.data_dir)
+        _private_dir(self.log_file.parent / "weed")
+        self.write_security()
         # `weed mini` saves its flags to mini.options and reloads them; ours must win when ports change.
         (self.data_dir / "mini.options").unlink(missing_ok=True)
         identities = {"identities": [{
@@ -648,6 +723,28 @@ class SeaweedS3(Service):
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}
         _write_private(self.identities_file, json.dumps(identities, indent=2) + "\n")
+
+    @property
+    def security_file(self) -> Path:
+        return self.data_dir / "security.toml"
+
+    def workdir(self) -> Path:
+        # weed reads ./security.toml first: its data dir, where prepare() writes ours.
+        return self.data_dir
+
+    def write_security(self) -> None:
+        """JWT keys for SeaweedFS's own HTTP APIs (fresh on every start; only the servers themselves sign).
+
+        Without them the filer's HTTP API (list, read, write, delete any object) and the volume servers answer
+        anyone on the machine, bypassing the S3 keys. With ``jwt.filer_signing`` (+ ``.read``) the filer answers
+        401 to unsigned requests; with ``jwt.signing`` (+ ``.read``) so do the volume servers. The S3 gateway,
+        in the same process, signs its own requests.
+        """
+        keys = {section: secrets.token_urlsafe(32) for section in
+                ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")}
+        text = "# Written by infra.local on every start of SeaweedFS; private (0600).\n" + "".join(
+            f'[{section}]\nkey = "{key}"\nexpires_after_seconds = 60\n\n' for section, key in keys.items())
+        _write_private(self.security_file, text)
 
     def boto3_client(self) -> Any:
         """A boto3 S3 client with the stack's credentials and short timeouts (health checks must not hang)."""
@@ -709,10 +806,10 @@ class MlflowServer(Service):
         ]
 
     def prepare(self) -> None:
-        (Path(self.config.state_dir) / "mlflow").mkdir(parents=True, exist_ok=True)
+        _private_dir(Path(self.config.state_dir) / "mlflow")
 
     def extra_env(self) -> dict[str, str]:
-        # Credentials travel by environment, never on the command line (visible in `ps`).
+        # Credentials by file (named in the environment), never on the command line (visible in `ps`).
         return {**self.config.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def health(self) -> str | None:
@@ -726,9 +823,13 @@ class MlflowServer(Service):
 class RayHead(Service):
     """A Ray head with its dashboard (job API), started by ``ray start --head --block`` in its own session.
 
-    It is started with the stack's environment (S3, MLflow, credentials) and this Python's bin dir first on
-    PATH: Ray jobs and Train workers inherit the raylet's environment, so they see the settings and run this
-    environment's ``python`` without the user exporting anything.
+    It is started with the stack's environment (S3, MLflow, the credentials file, the token) and this Python's
+    bin dir first on PATH: Ray jobs and Train workers inherit the raylet's environment, so they see the settings
+    and run this environment's ``python`` without the user exporting anything.
+
+    Token authentication is on: every gRPC and HTTP request (dashboard, job API, state API) needs the token from
+    ``RAY_AUTH_TOKEN_PATH``. ``ray job stop`` (and ``down``) give a job's driver :data:`JOB_STOP_WAIT_S` seconds
+    after SIGTERM to mark its run KILLED before Ray sends SIGKILL.
     """
 
     name = "ray"
@@ -767,12 +868,28 @@ class RayHead(Service):
         return cmd
 
     def prepare(self) -> None:
-        self.config.ray_tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.config.ray_tmp
+        if self.config.ray_temp_dir is None and tmp.parent != Path(self.config.state_dir).resolve():
+            _private_dir(tmp.parent)
+        _private_dir(tmp)
+
+    def after_start(self) -> None:
+        # Ray makes its temp dir world-writable (0777): private again, like the rest of the state.
+        os.chmod(self.config.ray_tmp, 0o700)
 
     def extra_env(self) -> dict[str, str]:
         env = {k: v for k, v in self.config.env().items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(JOB_STOP_WAIT_S)
+        # Ray's Prometheus exporter listens on 0.0.0.0 (it binds loopback only when the node IP is loopback, and
+        # Ray picks the machine's IP whatever --node-ip-address says) and answers without the token. Nothing
+        # scrapes it locally: off. (The dashboard, the job and state APIs and MLflow's system metrics remain.)
+        env["RAY_enable_metrics_collection"] = "0"
         return env
+
+    def headers(self) -> dict[str, str]:
+        """The Authorization header every dashboard/API request needs."""
+        return {"Authorization": f"Bearer {self.config.ray_token}"}
 
     def child_env(self) -> dict[str, str]:
         """Without the caller's RAY_ADDRESS: it may point at another cluster and jobs get theirs from Ray."""
@@ -784,12 +901,12 @@ class RayHead(Service):
     def health(self) -> str | None:
         for path in ("/api/version", "/api/jobs/"):
             try:
-                code, _ = _http_get(self.url + path)
+                code, _ = _http_get(self.url + path, headers=self.headers())
             except OSError as e:
                 return f"GET {self.url}{path} failed: {e}"
             if code in (401, 403):
-                return (f"GET {self.url}{path} answered {code}: the head requires a Ray auth token (was it started "
-                        f"with RAY_AUTH_MODE=token outside this stack?)")
+                return (f"GET {self.url}{path} answered {code} to the stack's token ({self.config.ray_token_file}): "
+                        f"is another Ray head, started with another token, on this port?")
             if code != 200:
                 return f"GET {self.url}{path} answered {code}"
         try:
@@ -815,19 +932,99 @@ class LocalStack:
     def up(self, log: Callable[[str], None] = print) -> Path:
         """Start what is not running (idempotent), save the settings and write the env file.
 
+        Then marks KILLED the runs whose driver died without ending them (see :meth:`reap`).
+
         Returns:
             The env file's path.
         """
-        Path(self.config.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(Path(self.config.state_dir))
+        self.config.write_secrets()
         self.config.save()
+        ray_started = False
         for svc in self.services:
             started = svc.start()
+            ray_started = ray_started or (started and svc is self.ray)
             log(f"{svc.name:7s} {'started' if started else 'already running'}  {svc.url}")
-        return self.config.write_env_file()
+        env_file = self.config.write_env_file()
+        self.reap(log, fresh_ray=ray_started)
+        return env_file
+
+    def reap(self, log: Callable[[str], None] = print, fresh_ray: bool = False,
+             stopped_jobs: Iterable[str] = ()) -> list[str]:
+        """Mark KILLED (with the command that resumes them) the runs still RUNNING whose driver is gone.
+
+        Args:
+            fresh_ray: The Ray head was just started: no driver of the previous cluster can be alive, so runs
+                without any driver identity are stale too.
+        """
+        try:
+            from orchestration.tracking import reap_stale_runs
+
+            return reap_stale_runs(self.config.tracking_uri, jobs=self.jobs(), untagged_dead=fresh_ray,
+                                   stopped_jobs=stopped_jobs, log_fn=lambda m: log(f"mlflow  {m}"))
+        except Exception as e:  # noqa: BLE001 - never block `up`/`down` on the reaper; say what happened
+            log(f"mlflow  could not check for runs left RUNNING by dead drivers: {type(e).__name__}: {e}")
+            return []
+
+    # ----- Ray jobs ------------------------------------------------------------------------------------------
+    def jobs(self) -> list[dict[str, Any]] | None:
+        """Every job the Ray head knows (the job API's list), or None when it does not answer."""
+        if self.ray.pid() is None:
+            return None
+        try:
+            code, body = _http_get(f"{self.config.dashboard_url}/api/jobs/", timeout=10, headers=self.ray.headers(),
+                                   limit=None)
+        except OSError:
+            return None
+        if code != 200:
+            return None
+        return json.loads(body)
+
+    def stop_jobs(self, log: Callable[[str], None] = print, timeout: float = JOB_STOP_WAIT_S + 30) -> list[str]:
+        """Stop every running Ray job (as ``ray job stop``) and wait until each has ended.
+
+        A job's driver gets SIGTERM and :data:`JOB_STOP_WAIT_S` seconds to end its runs (KILLED, with how to
+        resume) before Ray kills it; its last checkpoint is whatever it persisted before.
+
+        Returns:
+            The submission ids of the jobs stopped.
+        """
+        jobs = self.jobs() or []
+        running = [j["submission_id"] for j in jobs
+                   if j.get("submission_id") and j.get("status") in ("PENDING", "RUNNING")]
+        for sub in running:
+            log(f"ray     stopping job {sub} (its driver gets SIGTERM and up to {JOB_STOP_WAIT_S} s to end its runs)")
+            try:
+                _http_get(f"{self.config.dashboard_url}/api/jobs/{sub}/stop", timeout=30, headers=self.ray.headers(),
+                          method="POST")
+            except OSError as e:
+                log(f"ray     could not stop job {sub}: {e}")
+        deadline = time.monotonic() + timeout
+        left = set(running)
+        while left and time.monotonic() < deadline:
+            time.sleep(1)
+            states = {j.get("submission_id"): j.get("status") for j in (self.jobs() or [])}
+            for sub in list(left):
+                if states.get(sub) not in ("PENDING", "RUNNING"):
+                    log(f"ray     job {sub} ended: {states.get(sub)}")
+                    left.discard(sub)
+        for sub in left:
+            log(f"ray     job {sub} did not end within {timeout:.0f} s; stopping Ray ends it")
+        if running:
+            record = Path(self.config.state_dir) / "stopped_jobs.json"
+            _write_private(record, json.dumps({"stopped_at": time.time(), "jobs": running}, indent=2) + "\n")
+        return running
 
     def down(self, log: Callable[[str], None] = print) -> None:
-        """Stop every service in reverse order (harmless when nothing runs)."""
+        """Stop running Ray jobs first (waiting for them), mark their runs KILLED, then stop every service.
+
+        Harmless when nothing runs.
+        """
         errors = []
+        if self.ray.pid() is not None:
+            stopped = self.stop_jobs(log)
+            if stopped and self.mlflow.pid() is not None:
+                self.reap(log, stopped_jobs=stopped)
         for svc in reversed(self.services):
             try:
                 stopped = svc.stop()
