@@ -131,6 +131,9 @@ def _to(x: Any, device: torch.device) -> Any:
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """(images, keyword arguments) of ``STMI.forward`` from a ``TripletDataset`` batch (docs/ARCHITECTURE.md)."""
+    from stmi.data.batch_transforms import prepare_batch  # cached-path batches: uint8 -> augmented, on device
+
+    batch = prepare_batch(batch, device)
     imgs = [_to(batch[k], device) for k in ("rgb", "nir", "tir")]
     kw: dict[str, Any] = {}
     if batch.get("mask") is not None:
