@@ -2,7 +2,7 @@
 
 Item keys (docs/ARCHITECTURE.md): ``rgb``, ``nir``, ``tir`` ``(3, H, W)`` normalised; ``mask`` ``(1, H, W)`` in
 {0, 1} (zeros when the triplet has none); ``has_mask`` bool; ``text`` token ids ``(context_length,)`` (only when a
-tokenizer is given; a triplet without a caption is tokenised as ``""``, as SPEC.md section 2 asks); ``has_caption``
+tokenizer is given; a triplet without a caption is tokenised as ``""``, the empty caption); ``has_caption``
 bool; ``pid`` (relabelled when ``relabel`` is given), ``camid`` (0-based), ``sceneid`` (-1 when the dataset has none)
 and ``index`` (position in ``records``).
 

@@ -1,6 +1,6 @@
 """``build_loaders``: the train, validation and test DataLoaders of a run from its config.
 
-Model selection never looks at the test set (a fault of the anchors' code, DATASETS.md): a fraction
+Model selection never looks at the test set (a fault of the anchors' code): a fraction
 ``cfg.data.val_fraction`` of the training identities is held out, deterministically from ``cfg.optim.seed``, and split
 into a validation query and gallery by :func:`split_validation`. ``cfg.data.select_on_test`` reproduces the anchors'
 habit instead (the validation loaders are the test loaders, with a warning).

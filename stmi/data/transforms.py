@@ -1,10 +1,10 @@
 """Paired transforms: one geometry for the three modalities and the mask, photometric noise per modality.
 
-The mask says which pixels are foreground in every modality (SPEC.md section 3), so a flip or crop applied to the
+The mask says which pixels are foreground in every modality, so a flip or crop applied to the
 images and not to the mask would teach SFM the wrong tokens. The geometric steps therefore run once on a stack of
 the three images and the mask; random erasing (an occlusion augmentation) then runs independently per modality and
-never touches the mask, which keeps describing the true object. The steps and defaults follow the anchors' recipe
-(DATASETS.md): bicubic resize, horizontal flip, zero pad + random crop, random erasing in timm's ``pixel`` mode
+never touches the mask, which keeps describing the true object. The steps and defaults follow the anchors' recipe:
+bicubic resize, horizontal flip, zero pad + random crop, random erasing in timm's ``pixel`` mode
 (normal noise after normalisation, area 2-33 %, aspect 0.3-3.3), CLIP mean/std normalisation.
 
 Randomness comes from ``torch``'s generator (the global one unless one is passed), which DataLoader seeds per worker.
