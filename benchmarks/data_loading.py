@@ -45,15 +45,32 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _proc_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids`` (Linux ``/proc``; 0 elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def measure(ds, records: list, workers: int, batch_size: int, k: int, seconds: float, min_batches: int,  # noqa: ANN001
-            device: torch.device | None, cached: bool) -> float:
-    """Steady-state triplets/s of a training loader (first batch excluded); ``device``: also run prepare_batch."""
+            device: torch.device | None, cached: bool) -> tuple[float, float]:
+    """(triplets per wall second, triplets per CPU second of this process + its loader workers), steady state
+    (first batch excluded); ``device``: also run prepare_batch on every batch.
+
+    The CPU-second figure is the per-core throughput, nearly independent of how loaded a shared machine is.
+    """
     sampler = RandomIdentitySampler([t.pid for t in records], batch_size, k, seed=0)
     extra = {"collate_fn": collate_batch} if cached else {}
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device is not None and device.type == "cuda",
                         **extra)
-    n, seen, t0, epoch = 0, 0, 0.0, 0
+    n, seen, t0, c0, epoch = 0, 0, 0.0, 0.0, 0
+    pids: list[int] = []
     done = False
     while not done:
         sampler.set_epoch(epoch)
@@ -63,7 +80,9 @@ def measure(ds, records: list, workers: int, batch_size: int, k: int, seconds: f
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             if n == 0:
-                t0 = time.perf_counter()
+                it = getattr(loader, "_iterator", None)
+                pids = [w.pid for w in getattr(it, "_workers", [])]
+                t0, c0 = time.perf_counter(), time.process_time() + _proc_cpu(pids)
             else:
                 seen += b["pid"].shape[0]
             n += 1
@@ -71,9 +90,10 @@ def measure(ds, records: list, workers: int, batch_size: int, k: int, seconds: f
                 done = True
                 break
         epoch += 1
-    rate = seen / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() + _proc_cpu(pids) - c0
     del loader
-    return rate
+    return seen / wall, seen / cpu
 
 
 def device_rate(ds: CachedTripletDataset, batch_size: int, device: torch.device, seconds: float) -> float:
@@ -138,26 +158,32 @@ def main(argv: list[str] | None = None) -> int:
 
         decode_ds = TripletDataset(records, SIZE, train=True, tokenizer=tokenizer, relabel=relabel)
         cached_ds = CachedTripletDataset(cache, records, True, tokenizer, relabel=relabel)
-        rows = {w: {"decode": 0.0, "cache": 0.0, "cache+dev": 0.0} for w in args.workers}
+        cols = ("decode", "cache", "cache+dev")
+        rows = {w: {c: (0.0, 0.0) for c in cols} for w in args.workers}
         for r in range(args.rounds):
             for w in args.workers:
                 common = (records, w, args.batch_size, 4, args.seconds, args.min_batches)
-                rows[w]["decode"] = max(rows[w]["decode"], measure(decode_ds, *common, device=None, cached=False))
-                rows[w]["cache"] = max(rows[w]["cache"], measure(cached_ds, *common, device=None, cached=True))
-                rows[w]["cache+dev"] = max(rows[w]["cache+dev"],
-                                           measure(cached_ds, *common, device=device, cached=True))
+                for c, ds, dev in (("decode", decode_ds, None), ("cache", cached_ds, None),
+                                   ("cache+dev", cached_ds, device)):
+                    got = measure(ds, *common, device=dev, cached=c != "decode")
+                    rows[w][c] = (max(rows[w][c][0], got[0]), max(rows[w][c][1], got[1]))
             print(f"round {r + 1}/{args.rounds} done, load average {_load()}", flush=True)
 
-        print()
-        print(f"{'workers':>7} {'decode/s':>10} {'cache/s':>10} {'ratio':>7} {'cache+dev/s':>12} {'ratio':>7}")
+        print("\ntriplets/s (wall clock, best round) and triplets per CPU-second (this process + its workers: the "
+              "per-core rate)")
+        print(f"{'workers':>7} | {'decode':>7} {'cache':>7} {'ratio':>6} {'cache+dev':>9} {'ratio':>6} | "
+              f"{'decode':>7} {'cache':>7} {'ratio':>6} {'cache+dev':>9} {'ratio':>6}   per CPU-s")
         for w in args.workers:
-            d, c, cd = rows[w]["decode"], rows[w]["cache"], rows[w]["cache+dev"]
-            print(f"{w:>7} {d:>10.0f} {c:>10.0f} {c / d:>6.1f}x {cd:>12.0f} {cd / d:>6.1f}x")
-        best_decode = max(rows[w]["decode"] for w in args.workers)
+            line = f"{w:>7} |"
+            for j in (0, 1):
+                d, c, cd = (rows[w][col][j] for col in cols)
+                line += f" {d:>7.0f} {c:>7.0f} {c / d:>5.1f}x {cd:>9.0f} {cd / d:>5.1f}x |"
+            print(line)
+        best_decode = max(rows[w]["decode"][0] for w in args.workers)
         epoch_s = len(records) / best_decode
         print(f"\ncache build: {build:.2f} s for {len(records)} triplets ({len(records) / build:.0f} triplets/s, "
               f"{len(os.sched_getaffinity(0))} threads), {size_mb:.1f} MB ({size_mb * 1e3 / len(records):.0f} KB "
-              f"per triplet); one epoch of the decode path at its best rate: {epoch_s:.2f} s "
+              f"per triplet); one epoch of the decode path at its best wall-clock rate: {epoch_s:.2f} s "
               f"(build / epoch = {build / epoch_s:.2f})")
         dr = device_rate(cached_ds, args.batch_size, device, args.seconds)
         print(f"device-side augmentation (uint8 -> normalised + erased, host-to-device copy included) on "

@@ -16,8 +16,9 @@ item:
    uint8 -> float, CLIP normalisation, and the erasing boxes filled with N(0, 1) noise per modality (train batches
    only; the mask is never erased). A batch without ``frames`` (today's ``TripletDataset`` path) passes through.
 
-A batch of the cached path therefore carries ``frames`` ``(B, 10, H, W)`` uint8 and, when training, ``erase``
-``(B, 3, 4)`` int32 boxes ``(top, left, height, width)`` with ``height == 0`` for "no erasing"; after
+A training batch of the cached path therefore carries ``frames`` ``(B, 10, H, W)`` uint8, ``erase`` ``(B, 3, 4)``
+int32 boxes ``(top, left, height, width)`` with ``height == 0`` for "no erasing", and its small fields (``pid``,
+``camid``, ``text`` ...) as NumPy arrays; after
 :func:`prepare_batch` it has the keys of a ``TripletDataset`` batch (``rgb``, ``nir``, ``tir``, ``mask``, ...).
 Moving uint8 instead of float cuts the bytes through worker queues, pinned memory and the host-to-device copy by 4x.
 """
@@ -203,17 +204,19 @@ def prepare_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str
     """The batch with model-ready ``rgb``/``nir``/``tir``/``mask`` on ``device`` (the device-side augmentation).
 
     A cached-path batch (``frames`` uint8) is moved to ``device`` as uint8, normalised there and, when it carries
-    ``erase`` boxes (training), erased per modality; every other key is kept. A batch without ``frames`` is
-    returned unchanged, so ``stmi.engine.model_inputs`` can call this on any batch.
+    ``erase`` boxes (training), erased per modality; its NumPy fields become tensors (on the CPU, as a
+    ``TripletDataset`` batch's); every other key is kept. A batch without ``frames`` is returned unchanged, so
+    ``stmi.engine.model_inputs`` can call this on any batch.
     """
     frames = batch.get("frames")
     if frames is None:
         return batch
     device = torch.device(device)
-    x = frames.to(device, non_blocking=True)
+    x = torch.as_tensor(frames).to(device, non_blocking=True)
     imgs, mask = normalize_frames(x)
     if batch.get("erase") is not None:
         erase_(imgs, batch["erase"])
-    out = {k: v for k, v in batch.items() if k not in ("frames", "erase")}
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
+           if k not in ("frames", "erase")}
     out.update(rgb=imgs[0], nir=imgs[1], tir=imgs[2], mask=mask)
     return out

@@ -2,9 +2,10 @@
 
 The DataLoader calls :meth:`CachedTripletDataset.__getitems__` with the sampler's indices of one batch (PyTorch's
 batched fetch), so a worker assembles the batch with one strided copy per triplet from the memory map and no
-per-item collation; :func:`collate_batch` passes it through. Training batches carry ``frames`` uint8 and the
-``erase`` boxes, which :func:`stmi.data.batch_transforms.prepare_batch` turns into normalised, erased images on the
-model's device (``stmi.engine.model_inputs`` calls it). Evaluation batches are normalised here already (so any
+per-item collation; :func:`collate_batch` passes it through. Training batches carry ``frames`` uint8, the
+``erase`` boxes and their small fields as NumPy arrays; :func:`stmi.data.batch_transforms.prepare_batch` turns them
+into normalised, erased images and tensors on the model's device (``stmi.engine.model_inputs`` calls it).
+Evaluation batches are normalised here already (so any
 consumer of ``rgb`` / ``nir`` / ``tir`` works unchanged) and get no augmentation.
 
 Randomness: each training batch draws one 63-bit seed from torch's generator (the global one, which the DataLoader
@@ -28,8 +29,8 @@ from stmi.data.batch_transforms import (
     apply_geometry,
     draw_params,
     empty_batch,
-    erase_,
     normalize_frames,
+    prepare_batch,
 )
 from stmi.data.datasets import Triplet
 from stmi.data.frame_cache import FrameCache
@@ -99,8 +100,12 @@ class CachedTripletDataset(Dataset):
         if self.text is not None:
             batch["text"] = self.text[ti]
         if self.train:
+            # Small fields travel as NumPy arrays, pickled inline: every tensor leaving a worker costs a shared-memory
+            # segment and a file-descriptor pass, which for these few bytes is most of the batch's cost.
+            # prepare_batch makes them tensors again.
+            batch = {k: v.numpy() for k, v in batch.items()}
             batch["frames"] = frames
-            batch["erase"] = torch.from_numpy(params.erase)
+            batch["erase"] = params.erase
         else:
             imgs, mask = normalize_frames(frames)
             batch.update(rgb=imgs[0], nir=imgs[1], tir=imgs[2], mask=mask)
@@ -110,9 +115,7 @@ class CachedTripletDataset(Dataset):
         """One item in ``TripletDataset``'s format (normalised, erased on the CPU when training)."""
         b = self.__getitems__([index])
         if self.train:
-            imgs, mask = normalize_frames(b.pop("frames"))
-            erase_(imgs, b.pop("erase"))
-            b.update(rgb=imgs[0], nir=imgs[1], tir=imgs[2], mask=mask)
+            b = prepare_batch(b, "cpu")
         item = {k: v[0] for k, v in b.items()}
         for k in ("has_mask", "has_caption", "pid", "camid", "sceneid", "index"):
             item[k] = item[k].item()
