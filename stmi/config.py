@@ -130,6 +130,11 @@ class DataConfig:
     flip_p: float = 0.5
     pad: int = 10
     erasing_p: float = 0.5
+    cache: bool = True
+    """Serve the loaders from the decoded-frame cache (each split decoded once per node and input size, then
+    memory-mapped; augmentation on batches); false reads and decodes the image files per item every epoch."""
+    cache_dir: str = ""
+    """Node-local folder of the frame cache; empty: ``$STMI_CACHE_DIR``, else ``~/.cache/stmi/frames``."""
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 
 from stmi.config import STMIConfig, apply_overrides
 from stmi.data import CLIP_MEAN, CLIP_STD, PairedTransform, RandomIdentitySampler, build_loaders
+from stmi.data.batch_transforms import prepare_batch
 from stmi.data.synth import make_synthetic
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -153,6 +156,18 @@ def test_sampler_errors_name_the_fields() -> None:
 # ------------------------------------------------------------------------------------------------ loaders
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _frame_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The loaders' frame cache (``cfg.data.cache``, on by default) goes to a temporary folder, not ~/.cache."""
+    old = os.environ.get("STMI_CACHE_DIR")
+    os.environ["STMI_CACHE_DIR"] = str(tmp_path_factory.mktemp("frame_cache"))
+    yield
+    if old is None:
+        os.environ.pop("STMI_CACHE_DIR", None)
+    else:
+        os.environ["STMI_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth_9_c0001_9")
@@ -192,17 +207,20 @@ def test_build_loaders_validation_split(synth_root: Path, dataset: str) -> None:
     assert other.val_query_records != ld.val_query_records or other.val_gallery_records != ld.val_gallery_records
 
 
-def test_train_loader_batches_and_ranks(synth_root: Path) -> None:
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_loader_batches_and_ranks(synth_root: Path, cache: bool) -> None:
     def tok(texts: list[str]) -> torch.Tensor:
         return torch.tensor([[len(t), 0, 0, 0] for t in texts])
 
-    ld = build_loaders(_cfg(synth_root, **{"data.batch_size": 8}), tok)
+    ld = build_loaders(_cfg(synth_root, **{"data.batch_size": 8, "data.cache": cache}), tok)
     batch = next(iter(ld.train))
+    assert ("frames" in batch) == cache  # the cached path's uint8 frames become images on the device:
+    batch = prepare_batch(batch, "cpu")  # stmi.engine.model_inputs does this step
     assert batch["rgb"].shape == (8, 3, 32, 16) and batch["mask"].shape == (8, 1, 32, 16)
     assert batch["text"].shape == (8, 4) and batch["has_mask"].all() and batch["has_caption"].all()
     assert batch["pid"].max() < ld.num_classes and Counter(batch["pid"].tolist()).most_common(1)[0][1] == 2
     assert batch["mask"].sum() > 0 and (batch["sceneid"] == -1).all()
-    r1 = build_loaders(_cfg(synth_root, **{"data.batch_size": 8}), tok, rank=1, world_size=2)
+    r1 = build_loaders(_cfg(synth_root, **{"data.batch_size": 8, "data.cache": cache}), tok, rank=1, world_size=2)
     assert r1.train.batch_size == 4 and len(r1.train_sampler) * 2 == len(ld.train_sampler)
     q = next(iter(ld.query))
     assert ld.gallery is ld.query and q["pid"].min() >= 9  # raw pids on the test side (test ids are 9..12)

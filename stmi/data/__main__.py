@@ -1,4 +1,5 @@
-"""``stmi-data synth|check`` (or ``python -m stmi.data``): make a synthetic dataset, or validate a real one."""
+"""``stmi-data synth|check|cache`` (or ``python -m stmi.data``): make a synthetic dataset, validate a dataset before a
+sweep, or prebuild a node's decoded-frame cache."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ def _parser() -> argparse.ArgumentParser:
                     "docs/datasets.md).",
         epilog="Examples:\n"
                "  python -m stmi.data synth --dataset rgbnt201 --out /tmp/synth --ids 10\n"
-               "  python -m stmi.data check --dataset rgbnt201 --root /tmp/synth",
+               "  python -m stmi.data check --dataset rgbnt201 --root /tmp/synth\n"
+               "  python -m stmi.data cache --dataset rgbnt201 --root /tmp/synth",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,check}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,check,cache}")
     names = list(DATASETS)
 
     s = sub.add_parser(
@@ -46,12 +48,79 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true",
                    help='print one JSON object {"train": {...}, "query": {...}, "gallery": {...}, "errors": [...]} '
                         'to stdout instead (the errors are in it, nothing goes to stderr)')
+    _add_cache_parser(sub, names)
     return p
+
+
+# ------------------------------------------------------------------------------------------ cache (issue 13)
+def _add_cache_parser(sub: argparse._SubParsersAction, names: list[str]) -> None:
+    k = sub.add_parser(
+        "cache", help="prebuild the decoded-frame cache of a dataset on this node (what training reads)",
+        description="Decode every split once into the node-local frame cache that training memory-maps "
+                    "(cfg.data.cache=true): frames resized to the input size exactly as the transforms do, and "
+                    "masks. A valid cache is reused; a changed dataset gets a new one. Run it once per node before "
+                    "a sweep so the first trials do not wait for the build. Bad files are reported by path.")
+    k.add_argument("--dataset", required=True, choices=names, help="which layout to read")
+    k.add_argument("--root", required=True, help="folder that contains the dataset folder (cfg.data.root)")
+    k.add_argument("--cache-dir", default="",
+                   help="cache folder (cfg.data.cache_dir; default $STMI_CACHE_DIR or ~/.cache/stmi/frames)")
+    k.add_argument("--image-size", default="256x128",
+                   help="input size HxW of the runs that will read it (cfg.model.image_size; default 256x128)")
+    k.add_argument("--threads", type=int, default=None, help="decoding threads (default: the usable CPUs)")
+    k.add_argument("--verify", action="store_true",
+                   help="also check every byte of each cache against its checksum (and rebuild a damaged one)")
+
+
+def _cache_main(args: argparse.Namespace) -> int:
+    import shutil
+
+    from stmi.data.datasets import load_dataset
+    from stmi.data.frame_cache import CacheError, ensure_cache, resolve_cache_dir, validate
+
+    try:
+        size = tuple(int(v) for v in args.image_size.lower().replace(",", "x").split("x"))
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --image-size {args.image_size!r} must be HxW, e.g. 256x128", file=sys.stderr)
+        return 2
+    try:
+        splits = load_dataset(args.dataset, args.root)
+        print(f"frame cache of {args.dataset} at {size[0]}x{size[1]} in {resolve_cache_dir(args.cache_dir)}")
+        done: set[int] = set()
+        for name in ("train", "query", "gallery"):
+            records = getattr(splits, name)
+            if id(records) in done:
+                continue
+            done.add(id(records))
+            c = ensure_cache(args.dataset, records, size, args.cache_dir, progress=sys.stderr.isatty(),
+                             threads=args.threads)
+            status = f"built in {c.manifest['build_s']:.1f} s, {c.manifest['created']}"
+            if args.verify:
+                if validate(c.path, full=True)[0] is None:
+                    shutil.rmtree(c.path)
+                    c = ensure_cache(args.dataset, records, size, args.cache_dir, progress=sys.stderr.isatty(),
+                                     threads=args.threads)
+                    status += "; was damaged: rebuilt"
+                else:
+                    status += "; verified ok"
+            print(f"  {records[0].split_folder:<20} {len(records):>6} triplets {c.nbytes / 1e6:>9.1f} MB  "
+                  f"{c.path}  ({status})")
+    except CacheError as e:
+        print(f"error: {e} (here: --cache-dir)", file=sys.stderr)
+        return 2
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+# ------------------------------------------------------------------------------------------ end of cache
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "cache":
+        return _cache_main(args)
     if args.command == "synth":
         from stmi.data.synth import make_synthetic
 

@@ -23,11 +23,16 @@ def model_inputs(batch: dict[str, Any], device: torch.device | str,
     """``(images, keyword arguments)`` of ``STMI.forward`` / ``STMI.embed`` from a batch (docs/ARCHITECTURE.md).
 
     Args:
-        batch: ``rgb``/``nir``/``tir`` ``(B, 3, H, W)``; optional ``mask`` ``(B, 1, H, W)`` with ``has_mask``
+        batch: ``rgb``/``nir``/``tir`` ``(B, 3, H, W)`` (or, from the frame cache, ``frames`` uint8 with ``erase``
+            boxes, which :func:`stmi.data.batch_transforms.prepare_batch` turns into those on ``device``); optional
+            ``mask`` ``(B, 1, H, W)`` with ``has_mask``
             ``(B,)``, ``text`` token ids, ``camid`` ``(B,)``. Absent or None keys are not passed to the model.
         use_camid: pass ``camid`` (the SIE term); evaluation may switch it off.
     """
+    from stmi.data.batch_transforms import prepare_batch  # cached-path batches: uint8 -> augmented, on the device
+
     device = torch.device(device)
+    batch = prepare_batch(batch, device)
     imgs = [_to(batch[k], device) for k in ("rgb", "nir", "tir")]
     kw: dict[str, Any] = {}
     if batch.get("mask") is not None:

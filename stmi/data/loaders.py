@@ -8,11 +8,19 @@ habit instead (the validation loaders are the test loaders, with a warning).
 Training pids are relabelled to 0..C-1 (``Loaders.pid_to_label``) for the classifiers; evaluation loaders keep the
 raw pids. The evaluation loaders are not sharded by rank (evaluate on one rank). RGBNT201's query and gallery are the
 same test set: ``Loaders.gallery is Loaders.query`` then, so an evaluator can extract the features once.
+
+``cfg.data.cache`` (default on) serves every loader from the decoded-frame cache (``stmi.data.frame_cache``: each
+split decoded once per node and input size, memory-mapped by all workers and trials) through
+``stmi.data.cached_dataset.CachedTripletDataset``: training batches carry uint8 ``frames`` + ``erase`` boxes, which
+``stmi.engine.model_inputs`` turns into normalised, erased images on the device
+(``stmi.data.batch_transforms.prepare_batch``); evaluation batches are already normalised. Off, the loaders read the
+image files per item through ``TripletDataset`` (the original path).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stmi.config import STMIConfig
+from stmi.data.cached_dataset import CachedTripletDataset, collate_batch
 from stmi.data.dataset import Tokenizer, TripletDataset
 from stmi.data.datasets import DatasetError, Triplet, load_dataset
 from stmi.data.sampler import RandomIdentitySampler
@@ -113,6 +122,8 @@ class Loaders:
     missing_captions: dict[str, int] = field(default_factory=dict)
     """Triplets without a caption per split (they get the empty caption); log them."""
     selects_on_test: bool = False
+    cache_paths: list[str] = field(default_factory=list)
+    """Folders of the frame caches the loaders read (empty when ``cfg.data.cache`` is off)."""
 
 
 def build_loaders(cfg: STMIConfig, tokenizer: Tokenizer | None, rank: int = 0, world_size: int = 1) -> Loaders:
@@ -126,6 +137,7 @@ def build_loaders(cfg: STMIConfig, tokenizer: Tokenizer | None, rank: int = 0, w
 
     Raises:
         DatasetError: bad dataset files (path named). ValueError: batch size / num_instances / world size mismatch.
+        stmi.data.frame_cache.CacheError: the frame cache folder is unwritable or full (folder and fix named).
     """
     d = cfg.data
     splits = load_dataset(d.dataset, d.root)
@@ -152,16 +164,41 @@ def build_loaders(cfg: STMIConfig, tokenizer: Tokenizer | None, rank: int = 0, w
     size = tuple(cfg.model.image_size)
     sampler = RandomIdentitySampler([t.pid for t in train_records], d.batch_size, d.num_instances,
                                     seed=cfg.optim.seed, rank=rank, world_size=world_size)
-    common = {"num_workers": d.num_workers, "pin_memory": torch.cuda.is_available(),
-              "persistent_workers": d.num_workers > 0}
-    train = DataLoader(
-        TripletDataset(train_records, size, True, tokenizer, d.flip_p, d.pad, d.erasing_p, relabel=pid_to_label),
-        batch_size=sampler.per_rank, sampler=sampler, drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.optim.seed + rank), **common)
+    common: dict = {"num_workers": d.num_workers, "pin_memory": torch.cuda.is_available(),
+                    "persistent_workers": d.num_workers > 0}
+    cache_paths: list[str] = []
+    if d.cache:
+        from stmi.data.frame_cache import ensure_cache
+
+        caches: dict[int, object] = {}
+
+        def cache_of(split: list[Triplet]):  # noqa: ANN202
+            if id(split) not in caches:
+                caches[id(split)] = ensure_cache(d.dataset, split, size, d.cache_dir, progress=sys.stderr.isatty())
+                cache_paths.append(str(caches[id(split)].path))
+            return caches[id(split)]
+
+        train_cache, query_cache = cache_of(splits.train), cache_of(splits.query)
+        gallery_cache = cache_of(splits.gallery)
+        common["collate_fn"] = collate_batch
+        train_ds: object = CachedTripletDataset(train_cache, train_records, True, tokenizer, d.flip_p, d.pad,
+                                                d.erasing_p, relabel=pid_to_label)
+        cache_for = {id(splits.query): query_cache, id(splits.gallery): gallery_cache}
+
+        def eval_dataset(records: list[Triplet]) -> object:
+            return CachedTripletDataset(cache_for.get(id(records), train_cache), records, False, tokenizer)
+    else:
+        train_ds = TripletDataset(train_records, size, True, tokenizer, d.flip_p, d.pad, d.erasing_p,
+                                  relabel=pid_to_label)
+
+        def eval_dataset(records: list[Triplet]) -> object:
+            return TripletDataset(records, size, False, tokenizer)
+
+    train = DataLoader(train_ds, batch_size=sampler.per_rank, sampler=sampler, drop_last=True,
+                       generator=torch.Generator().manual_seed(cfg.optim.seed + rank), **common)
 
     def eval_loader(records: list[Triplet]) -> DataLoader:
-        return DataLoader(TripletDataset(records, size, False, tokenizer), batch_size=d.batch_size, shuffle=False,
-                          **common)
+        return DataLoader(eval_dataset(records), batch_size=d.batch_size, shuffle=False, **common)
 
     query = eval_loader(splits.query)
     gallery = query if splits.gallery is splits.query else eval_loader(splits.gallery)
@@ -176,4 +213,4 @@ def build_loaders(cfg: STMIConfig, tokenizer: Tokenizer | None, rank: int = 0, w
                    num_classes=len(pid_to_label), num_cameras=num_cameras, uses_scenes=uses_scenes,
                    train_sampler=sampler, train_records=train_records, val_query_records=vq, val_gallery_records=vg,
                    query_records=splits.query, gallery_records=splits.gallery, pid_to_label=pid_to_label,
-                   missing_captions=missing, selects_on_test=d.select_on_test)
+                   missing_captions=missing, selects_on_test=d.select_on_test, cache_paths=cache_paths)

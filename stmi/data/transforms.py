@@ -62,6 +62,20 @@ def erase_box(h: int, w: int, p: float, generator: torch.Generator | None = None
     return None
 
 
+def resize_stack(images: Sequence[Image.Image], mask: Image.Image | None, size: tuple[int, int]) -> np.ndarray:
+    """The frames resized to ``size`` (H, W) bicubic, and the mask nearest + binarised, stacked ``(H, W, 3n [+1])``.
+
+    The one resize of the pipeline: :class:`PairedTransform` and the decoded-frame cache
+    (``stmi.data.frame_cache``) both call it, so cached frames are exactly what the transform would compute.
+    """
+    h, w = int(size[0]), int(size[1])
+    parts = [np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC)) for im in images]
+    if mask is not None:
+        m = np.asarray(mask.convert("L").resize((w, h), Image.NEAREST))
+        parts.append((m > 0).astype(np.uint8)[:, :, None])
+    return np.concatenate(parts, axis=2)
+
+
 class PairedTransform:
     """Resize (+ flip, pad + crop, erasing when training) three modality images and their mask together.
 
@@ -88,11 +102,7 @@ class PairedTransform:
                  generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Return the normalised ``(3, H, W)`` images and the ``(1, H, W)`` mask in {0, 1} (or None)."""
         h, w = self.size
-        parts = [np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC)) for im in images]
-        if mask is not None:
-            m = np.asarray(mask.convert("L").resize((w, h), Image.NEAREST))
-            parts.append((m > 0).astype(np.uint8)[:, :, None])
-        x = np.concatenate(parts, axis=2)  # (H, W, 3 * n [+ 1]) uint8: one geometry for everything
+        x = resize_stack(images, mask, self.size)  # (H, W, 3 * n [+ 1]) uint8: one geometry for everything
         if self.train:
             if self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p:
                 x = x[:, ::-1]
