@@ -26,16 +26,31 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "synth", help="write a synthetic dataset in the real layout, with masks and captions",
-        description="Write <out>/<DATASET FOLDER>/... in the dataset's real layout: identities distinguishable only "
-                    "by their foreground (colour, shape, pattern) over shared cluttered backgrounds, a warm object "
-                    "in the thermal frame, masks (also copied to .truth/masks/) and template captions. Pass --out "
-                    "as cfg.data.root / --root afterwards.")
+        description="Write <out>/<DATASET FOLDER>/... in the dataset's real layout, with masks (the exact ones "
+                    "also in .truth/masks/) and captions. --difficulty hard (default) is a benchmark: each camera "
+                    "films its own cluttered scene behind every identity, an identity is a combination of upper "
+                    "colour, lower colour and a mark (no single attribute singles it out), the object covers "
+                    "25-45%% of the frame, captions name only part of the attributes and masks have boundary "
+                    "errors and missed parts; the thermal frame shows a warm object. --difficulty easy is "
+                    "trivially learnable (for smoke tests). Pass --out as cfg.data.root / --root afterwards.")
     s.add_argument("--dataset", required=True, choices=names, help="which layout to write")
     s.add_argument("--out", required=True, help="folder that receives the dataset folder (created if missing)")
     s.add_argument("--ids", required=True, type=int, help="number of identities (>= 2; ~70%% train, rest test)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same arguments give the same files (default 0)")
     s.add_argument("--images-per-id", type=int, default=8, help="triplets per identity (default 8)")
     s.add_argument("--cameras", type=int, default=3, help="cameras per identity (default 3)")
+    h = s.add_argument_group("difficulty (hard mode; see stmi/data/synth.py)")
+    h.add_argument("--difficulty", choices=("hard", "easy"), default="hard",
+                   help="hard: the benchmark (default); easy: distinct colour/shape per identity on shared "
+                        "backgrounds, full captions, exact masks")
+    h.add_argument("--caption-attrs", type=int, default=1,
+                   help="attributes (of upper, lower, mark) each caption names, a random subset per image (default 1)")
+    h.add_argument("--caption-error-p", type=float, default=0.1,
+                   help="probability that a colour a caption names is wrong (default 0.1)")
+    h.add_argument("--mask-noise", type=float, default=2.0,
+                   help="boundary error of the masks in masks/, in pixels (default 2; 0: exact)")
+    h.add_argument("--mask-miss-p", type=float, default=0.25,
+                   help="probability that a mask misses a band of the object (default 0.25; 0: never)")
 
     c = sub.add_parser(
         "check", help="validate a dataset: counts per split and every problem, by path",
@@ -126,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             out = make_synthetic(args.dataset, args.out, args.ids, seed=args.seed, images_per_id=args.images_per_id,
-                                 cameras=args.cameras, progress=True)
+                                 cameras=args.cameras, progress=True, difficulty=args.difficulty,
+                                 caption_attrs=args.caption_attrs, caption_error_p=args.caption_error_p,
+                                 mask_noise=args.mask_noise, mask_miss_p=args.mask_miss_p)
         except (ValueError, DatasetError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

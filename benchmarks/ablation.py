@@ -1,0 +1,198 @@
+"""Does the synthetic benchmark tell a better model from a worse one? Paper table 3 on synthetic RGBNT201.
+
+Trains the ``demo`` recipe's tiny model (``stmi-tiny``, random init, 64x32 inputs) on synthetic RGBNT201 made by
+``stmi.data.synth`` (``difficulty="hard"`` by default) for each row of the paper's table 3, over several seeds, and
+prints the test mAP / R1 of each row as mean +- std over the seeds, beside the untrained model's:
+
+- ``untrained``: the full model before its first step (what the data gives away for free);
+- ``baseline``: no SFM, no STR, concatenated CLS tokens (table 3 A);
+- ``+SFM``: the baseline plus segmentation-guided feature modulation (table 3 B);
+- ``+SFM+STR``: plus semantic token reallocation (with the caption), concat fusion (table 3 C);
+- ``+SFM+STR+CHI``: the full model (table 3 D).
+
+Acceptance of the data (issue 12): untrained <= 0.15 test mAP, the full model >= 3x that. The model is selected
+at its last epoch (no validation split here: every training identity trains, so the rows differ only by model).
+A seed changes the model init and the batch order, not the dataset (one dataset per ``--data-seed``).
+
+Pure PyTorch (``stmi.engine`` / ``stmi.data`` / ``stmi.eval``), no Ray. Runs on CUDA unchanged (``--device cuda``;
+the default picks CUDA when present) and prints the device and the wall time of every run.
+
+Usage::
+
+    python benchmarks/ablation.py                       # 40 ids, 3 seeds, 4 epochs (the demo budget)
+    python benchmarks/ablation.py --jobs 3              # the same, three runs at a time
+    python benchmarks/ablation.py --seeds 5 --epochs 10
+    python benchmarks/ablation.py --rows baseline,+SFM --difficulty easy
+    python benchmarks/ablation.py --quick               # smoke test: 1 seed, 1 epoch, 12 ids
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stmi.config import apply_overrides  # noqa: E402
+from stmi.data import build_loaders  # noqa: E402
+from stmi.data.synth import make_synthetic  # noqa: E402
+from stmi.engine import build_optimizer, build_scheduler, seed_everything, train_one_epoch  # noqa: E402
+from stmi.eval import evaluate  # noqa: E402
+from stmi.model import build_model  # noqa: E402
+from stmi.recipes import recipe  # noqa: E402
+
+#: Paper table 3 rows -> overrides of the demo recipe (as search_spaces/ablation.yaml) and the paper's mAP.
+ROWS: dict[str, tuple[dict[str, object], float]] = {
+    "baseline": ({"model.use_sfm": False, "model.use_str": False, "model.use_text": False, "model.fusion": "concat",
+                  "model.use_global_fusion": False}, 70.3),
+    "+SFM": ({"model.use_sfm": True, "model.use_str": False, "model.use_text": False, "model.fusion": "concat",
+              "model.use_global_fusion": False}, 76.1),
+    "+SFM+STR": ({"model.use_sfm": True, "model.use_str": True, "model.fusion": "concat"}, 78.1),
+    "+SFM+STR+CHI": ({"model.use_sfm": True, "model.use_str": True, "model.fusion": "chi"}, 81.2),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ids", type=int, default=40, help="identities of the synthetic dataset (70%% train; default 40)")
+    ap.add_argument("--images-per-id", type=int, default=8, help="triplets per identity (default 8)")
+    ap.add_argument("--cameras", type=int, default=4, help="cameras (default 4, RGBNT201's count)")
+    ap.add_argument("--difficulty", default="hard", choices=("hard", "easy"), help="synthetic data mode")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the dataset (default 0)")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per row (default 3)")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs (default 4, the demo recipe's budget)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="extra override of the demo recipe for every row (repeatable), e.g. model.p=0.0")
+    ap.add_argument("--data", default=None, help="reuse/keep the dataset in this folder (default: a temp dir)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    ap.add_argument("--threads", type=int, default=0, 
+                    help="torch threads per run (0: torch's default, or 1 with --jobs)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    ap.add_argument("--json", default=None, help="also write every run's numbers to this JSON file")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 12 ids, 1 seed, 1 epoch")
+    return ap.parse_args(argv)
+
+
+def _parse_set(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. model.p=0.0")
+        k, v = item.split("=", 1)
+        out[k] = json.loads(v) if v.lower() in ("true", "false", "null") or v.replace(".", "", 1).isdigit() else v
+    return out
+
+
+def run_one(root: Path, overrides: dict[str, object], seed: int, epochs: int, device: str,
+            train: bool = True) -> dict[str, float]:
+    """Train one row for ``epochs`` (or not at all) and return its test metrics at the last epoch."""
+    cfg = apply_overrides(recipe("demo", "rgbnt201"), {
+        "data.root": str(root), "data.val_fraction": 0.0, "optim.epochs": max(epochs, 1), "optim.seed": seed,
+        **overrides})
+    seed_everything(seed)
+    tokenizer = build_model(dataclasses.replace(cfg.model, num_classes=0)).tokenize
+    loaders = build_loaders(cfg, tokenizer)
+    cfg = apply_overrides(cfg, {"model.num_classes": loaders.num_classes,
+                                "model.num_cameras": loaders.num_cameras if cfg.model.use_sie else 0})
+    seed_everything(seed)
+    model = build_model(cfg.model).to(device)
+    t0 = time.perf_counter()
+    loss = float("nan")
+    if train:
+        opt = build_optimizer(model, cfg.optim)
+        sch = build_scheduler(opt, cfg.optim, len(loaders.train))
+        for epoch in range(epochs):
+            loss = train_one_epoch(model, loaders.train, opt, sch, cfg.loss, device, epoch, amp=cfg.optim.amp,
+                                   progress=False)["loss"]
+    res = evaluate(model, loaders.query, loaders.gallery, device, use_scenes=loaders.uses_scenes)
+    return {"mAP": float(res["mAP"]), "R1": float(res["R1"]), "loss": loss, "time_s": time.perf_counter() - t0}
+
+
+def _ms(xs: list[float]) -> str:
+    m = statistics.fmean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{m:.3f} +- {s:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.quick:
+        a.ids, a.seeds, a.epochs = 12, 1, 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        print(f"error: unknown row(s) {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    extra = _parse_set(a.set)
+    tmp = None
+    if a.data is None:
+        tmp = tempfile.TemporaryDirectory(prefix="stmi-ablation-")
+        root = Path(tmp.name)
+    else:
+        root = Path(a.data)
+    t0 = time.perf_counter()
+    make_synthetic("rgbnt201", root, ids=a.ids, seed=a.data_seed, images_per_id=a.images_per_id, cameras=a.cameras,
+                   difficulty=a.difficulty)
+    print(f"device {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; synthetic RGBNT201 "
+          f"({a.difficulty}): {a.ids} ids x {a.images_per_id} images, {a.cameras} cameras, data seed {a.data_seed}, "
+          f"made in {time.perf_counter() - t0:.1f} s; demo recipe, {a.epochs} epochs, seeds 0..{a.seeds - 1}"
+          + (f"; overrides {extra}" if extra else ""), flush=True)
+    seeds = list(range(a.seeds))
+    plan = [("untrained", ROWS["+SFM+STR+CHI"][0], False)] + [(r, ROWS[r][0], True) for r in rows]
+    tasks = [(name, {**ov, **extra}, seed, train) for name, ov, train in plan for seed in seeds]
+    done: dict[tuple[str, int], dict[str, float]] = {}
+
+    def show(name: str, seed: int, r: dict[str, float]) -> None:
+        done[(name, seed)] = r
+        print(f"  [{len(done)}/{len(tasks)}] {name:<14} seed {seed}: test mAP {r['mAP']:.3f} R1 {r['R1']:.3f} "
+              f"loss {r['loss']:.3f} ({r['time_s']:.1f} s)", flush=True)
+
+    if a.jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        threads = a.threads or 1
+        with cf.ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                    initargs=(threads,)) as pool:
+            futs = {pool.submit(run_one, root, ov, seed, a.epochs, a.device, train): (name, seed)
+                    for name, ov, seed, train in tasks}
+            for f in cf.as_completed(futs):
+                show(*futs[f], f.result())
+    else:
+        for name, ov, seed, train in tasks:
+            show(name, seed, run_one(root, ov, seed, a.epochs, a.device, train=train))
+    results = {name: [done[(name, s)] for s in seeds] for name, _, _ in plan}
+    print()
+    print("| row            | test mAP        | test R1         | paper mAP (table 3) |")
+    print("|----------------|-----------------|-----------------|---------------------|")
+    for name, rs in results.items():
+        paper = f"{ROWS[name][1]:.1f}" if name in ROWS else "-"
+        print(f"| {name:<14} | {_ms([r['mAP'] for r in rs]):<15} | {_ms([r['R1'] for r in rs]):<15} | {paper:<19} |")
+    untrained = statistics.fmean(r["mAP"] for r in results["untrained"])
+    full = results.get("+SFM+STR+CHI")
+    print(f"\nacceptance: untrained mAP {untrained:.3f} (target <= 0.15): {'ok' if untrained <= 0.15 else 'NOT MET'}")
+    if full:
+        fm = statistics.fmean(r["mAP"] for r in full)
+        print(f"acceptance: full model mAP {fm:.3f} = {fm / max(untrained, 1e-9):.1f}x untrained (target >= 3x): "
+              f"{'ok' if fm >= 3 * untrained else 'NOT MET'}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1), encoding="utf-8")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
