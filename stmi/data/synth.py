@@ -1,5 +1,5 @@
-"""Synthetic datasets in the real layouts, with masks and captions (docs/datasets.md): a benchmark that is hard in the ways real
-multi-modal ReID is hard, plus an ``easy`` mode for smoke tests that only need something learnable.
+"""Synthetic datasets in the real layouts, with masks and captions (docs/datasets.md): a benchmark that is hard in
+the ways real multi-modal ReID is hard, plus an ``easy`` mode for smoke tests that only need something learnable.
 
 ``difficulty="hard"`` (the default of ``python -m stmi.data synth`` and of :func:`make_synthetic`):
 
