@@ -322,9 +322,12 @@ def fields_reference() -> str:
              "`search_spaces/*.yaml` file. Recipes (`stmi/recipes.py`) set some of them per dataset: the defaults",
              "shown here are the dataclass defaults, before any recipe.", ""]
     default = STMIConfig()
+    top_docs, top_hints = _field_docs(STMIConfig), typing.get_type_hints(STMIConfig)
     for f in dataclasses.fields(STMIConfig):
         section = getattr(default, f.name)
         if not dataclasses.is_dataclass(section):
+            lines += [f"## `{f.name}`", "", f"{_type_name(top_hints[f.name])}, default `{section!r}`: "
+                      f"{top_docs.get(f.name, '')}", ""]
             continue
         cls = type(section)
         docs, hints = _field_docs(cls), typing.get_type_hints(cls)
