@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images-per-id", type=int, default=8, help="triplets per identity (default 8)")
     ap.add_argument("--cameras", type=int, default=4, help="cameras (default 4, RGBNT201's count)")
     ap.add_argument("--difficulty", default="hard", choices=("hard", "easy"), help="synthetic data mode")
+    ap.add_argument("--clutter", type=float, default=1.0, help="contrast of the camera scenes (hard mode; default 1)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the dataset (default 0)")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per row (default 3)")
     ap.add_argument("--epochs", type=int, default=4, help="training epochs (default 4, the demo recipe's budget)")
@@ -152,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(a.data)
     t0 = time.perf_counter()
     make_synthetic("rgbnt201", root, ids=a.ids, seed=a.data_seed, images_per_id=a.images_per_id, cameras=a.cameras,
-                   difficulty=a.difficulty)
+                   difficulty=a.difficulty, **({"clutter": a.clutter} if a.difficulty == "hard" else {}))
     print(f"device {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; synthetic RGBNT201 "
-          f"({a.difficulty}): {a.ids} ids x {a.images_per_id} images, {a.cameras} cameras, data seed {a.data_seed}, "
+          f"({a.difficulty}, clutter {a.clutter}): {a.ids} ids x {a.images_per_id} images, {a.cameras} cameras, "
+          f"data seed {a.data_seed}, "
           f"made in {time.perf_counter() - t0:.1f} s; demo recipe, {a.epochs} epochs, seeds 0..{a.seeds - 1}"
           + (f"; overrides {extra}" if extra else ""), flush=True)
     seeds = list(range(a.seeds))
