@@ -21,7 +21,7 @@ Measured (2-core CPU shared with other jobs, load average 11-22; 40 ids x 8 imag
 clutter 1; mean +- std over seeds 0-2; test mAP):
 
     python benchmarks/ablation.py --ids 40 --seeds 3 --epochs 4 --jobs 3                     # the demo budget
-      untrained 0.076 +- 0.007, baseline 0.116 +- 0.003, +SFM 0.120 +- 0.009, +SFM+STR 0.121 +- 0.015,
+      untrained 0.076 +- 0.008, baseline 0.116 +- 0.003, +SFM 0.120 +- 0.009, +SFM+STR 0.121 +- 0.015,
       +SFM+STR+CHI 0.118 +- 0.015 (1.6x untrained: below the 3x target; the rows do not separate)
     python benchmarks/ablation.py --ids 40 --seeds 3 --epochs 10 --jobs 3 --rows baseline,+SFM,+SFM+STR+CHI
       untrained 0.076 +- 0.008, baseline 0.137 +- 0.006, +SFM 0.150 +- 0.005, +SFM+STR+CHI 0.150 +- 0.008 (2.0x)
