@@ -337,6 +337,13 @@ def _chart(tables: dict[str, Any], path: Path) -> Path | None:
                 for n in names]
         ax.bar(range(len(names)), [0 if math.isnan(m) else m for m in means],
                yerr=[0 if math.isnan(s) else s for s in stds], capsize=4, color="#4c72b0")
+        if "paper mAP" in t["header"]:  # the published figure of each row, as a marker
+            col = t["header"].index("paper mAP")
+            paper = {row[0]: row[col] for row in t["rows"]}
+            xs = [i for i, n in enumerate(names) if paper.get(n, "-") != "-"]
+            ax.scatter(xs, [float(paper[names[i]]) for i in xs], color="#c44e52", marker="D", zorder=3,
+                       label="paper (selected on test)")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("test mAP (%)")
         ax.set_title(key, fontsize=9)

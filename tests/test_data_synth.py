@@ -285,6 +285,8 @@ def test_hard_and_easy_differ_and_options_are_checked(tmp_path: Path, capsys: py
         make_synthetic("rgbnt201", tmp_path, ids=4, caption_attrs=4)
     with pytest.raises(ValueError, match="--mask-miss-p"):
         make_synthetic("rgbnt201", tmp_path, ids=4, mask_miss_p=1.5)
+    with pytest.raises(ValueError, match="--clutter"):
+        make_synthetic("rgbnt201", tmp_path, ids=4, clutter=2.0)
     assert data_main(["synth", "--dataset", "rgbnt201", "--out", str(tmp_path / "c"), "--ids", "4",
                       "--images-per-id", "2", "--caption-attrs", "3", "--caption-error-p", "0", "--mask-noise", "0",
                       "--mask-miss-p", "0"]) == 0

@@ -215,7 +215,7 @@ def test_demo_recipe_learns_on_synthetic_rgbnt201(tmp_path):
     from stmi.eval import evaluate
     from stmi.model.stmi import build_model
 
-    root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0)
+    root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0, difficulty="easy")
     cfg = apply_overrides(recipe("demo", "rgbnt201"), {"data.root": str(root), "optim.epochs": 2})
     seed_everything(cfg.optim.seed)
     loaders = build_loaders(cfg, build_tokenizer(cfg.model))

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="boundary error of the masks in masks/, in pixels (default 2; 0: exact)")
     h.add_argument("--mask-miss-p", type=float, default=0.25,
                    help="probability that a mask misses a band of the object (default 0.25; 0: never)")
+    h.add_argument("--clutter", type=float, default=1.0,
+                   help="contrast of the camera scenes around their mean colour (default 1; 0: flat scenes)")
 
     c = sub.add_parser(
         "check", help="validate a dataset: counts per split and every problem, by path",
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             out = make_synthetic(args.dataset, args.out, args.ids, seed=args.seed, images_per_id=args.images_per_id,
                                  cameras=args.cameras, progress=True, difficulty=args.difficulty,
                                  caption_attrs=args.caption_attrs, caption_error_p=args.caption_error_p,
-                                 mask_noise=args.mask_noise, mask_miss_p=args.mask_miss_p)
+                                 mask_noise=args.mask_noise, mask_miss_p=args.mask_miss_p, clutter=args.clutter)
         except (ValueError, DatasetError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -238,9 +238,13 @@ class _HardRenderer:
 
     MARGIN = 16
 
-    def __init__(self, hw: tuple[int, int], kind: str, cameras: int, seed: int) -> None:
+    def __init__(self, hw: tuple[int, int], kind: str, cameras: int, seed: int, clutter: float = 1.0) -> None:
         self.hw, self.kind = hw, kind
-        self.scenes = [_scene(hw, c, seed, self.MARGIN).astype(np.float32) for c in range(cameras)]
+        self.scenes = []
+        for c in range(cameras):
+            scene = _scene(hw, c, seed, self.MARGIN).astype(np.float32)
+            mean = scene.mean((0, 1), keepdims=True)
+            self.scenes.append(mean + clutter * (scene - mean))  # clutter < 1: a calmer scene
 
     def render(self, attrs: tuple[str, str, int], cam: int, cam_gain: np.ndarray, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
@@ -457,7 +461,8 @@ def _save_png(a: np.ndarray, path: Path) -> None:
 
 def make_synthetic(dataset: str, out: str | Path, ids: int, seed: int = 0, images_per_id: int = 8,
                    cameras: int = 3, progress: bool = False, *, difficulty: str = "hard", caption_attrs: int = 1,
-                   caption_error_p: float = 0.1, mask_noise: float = 2.0, mask_miss_p: float = 0.25) -> Path:
+                   caption_error_p: float = 0.1, mask_noise: float = 2.0, mask_miss_p: float = 0.25,
+                   clutter: float = 1.0) -> Path:
     """Write a synthetic ``dataset`` under ``out`` in its real layout; return ``out`` (the ``cfg.data.root``).
 
     Args:
@@ -475,6 +480,7 @@ def make_synthetic(dataset: str, out: str | Path, ids: int, seed: int = 0, image
         caption_error_p: probability that a colour a caption names is wrong.
         mask_noise: amplitude in pixels of the boundary error of the masks in ``masks/`` (0: exact boundary).
         mask_miss_p: probability that a mask in ``masks/`` misses a band of the object (0: never).
+        clutter: contrast of the camera scenes around their mean colour (1: full clutter, 0: a flat colour).
     """
     layout: Layout = get_layout(dataset)
     n_cams = layout.cam_range[1] - layout.cam_range[0] + 1
@@ -490,13 +496,15 @@ def make_synthetic(dataset: str, out: str | Path, ids: int, seed: int = 0, image
     for name, v in (("--caption-error-p", caption_error_p), ("--mask-miss-p", mask_miss_p)):
         if not 0 <= v <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
+    if not 0 <= clutter <= 1:
+        raise ValueError(f"--clutter must be in [0, 1], got {clutter}")
     if mask_noise < 0:
         raise ValueError(f"--mask-noise must be >= 0 (pixels), got {mask_noise}")
     hard = difficulty == "hard"
     attrs: list = hard_identity_attributes(ids, seed) if hard else identity_attributes(ids, seed)
     out = Path(out)
     droot = out.joinpath(layout.folder, *layout.subdir)
-    renderer = (_HardRenderer(layout.frame_hw, layout.kind, cameras, seed) if hard
+    renderer = (_HardRenderer(layout.frame_hw, layout.kind, cameras, seed, clutter) if hard
                 else _Renderer(layout.frame_hw, seed))
     gain_lo, gain_hi = (0.85, 1.1) if hard else (0.75, 1.15)
     gains = [np.random.default_rng([seed, 3, c]).uniform(gain_lo, gain_hi, 3).astype(np.float32)
