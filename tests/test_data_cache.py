@@ -438,7 +438,7 @@ def test_cache_command_prebuilds_and_verifies(synth: Path, tmp_path: Path, capsy
 
 @pytest.mark.timeout(900)
 def test_training_on_the_cached_path_learns_as_the_decode_path(tmp_path: Path) -> None:
-    """Demo recipe, synthetic RGBNT201, 2 epochs on each path: both learn, the cached one no worse than 0.5x."""
+    """Demo recipe, synthetic RGBNT201, 2 epochs on each path: both learn, the cached one at least half as much."""
     from stmi.engine import build_optimizer, build_scheduler, seed_everything, train_one_epoch
     from stmi.eval import evaluate
     from stmi.model.stmi import build_model
@@ -447,8 +447,9 @@ def test_training_on_the_cached_path_learns_as_the_decode_path(tmp_path: Path) -
     root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0)
     gains = {}
     for cache in (False, True):
-        cfg = apply_overrides(recipe("demo", "rgbnt201"), {"data.root": str(root), "optim.epochs": 2,
-                                                           "data.cache": cache, "data.cache_dir": str(tmp_path / "c")})
+        cfg = apply_overrides(recipe("demo", "rgbnt201"), {  # the cached run through a worker: its buffer ring
+            "data.root": str(root), "optim.epochs": 2, "data.cache": cache, "data.cache_dir": str(tmp_path / "c"),
+            "data.num_workers": int(cache)})
         seed_everything(cfg.optim.seed)
         tokenizer = build_model(dataclasses.replace(cfg.model, num_classes=0)).tokenize
         loaders = build_loaders(cfg, tokenizer)
