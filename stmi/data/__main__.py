@@ -81,8 +81,9 @@ def _add_cache_parser(sub: argparse._SubParsersAction, names: list[str]) -> None
     k.add_argument("--root", required=True, help="folder that contains the dataset folder (cfg.data.root)")
     k.add_argument("--cache-dir", default="",
                    help="cache folder (cfg.data.cache_dir; default $STMI_CACHE_DIR or ~/.cache/stmi/frames)")
-    k.add_argument("--image-size", default="256x128",
-                   help="input size HxW of the runs that will read it (cfg.model.image_size; default 256x128)")
+    k.add_argument("--image-size", default=None,
+                   help="input size HxW of the runs that will read it (cfg.model.image_size; default the paper "
+                        "recipe's: 256x128 for rgbnt201, 128x256 for rgbnt100 and msvr310)")
     k.add_argument("--threads", type=int, default=None, help="decoding threads (default: the usable CPUs)")
     k.add_argument("--verify", action="store_true",
                    help="also check every byte of each cache against its checksum (and rebuild a damaged one)")
@@ -93,7 +94,10 @@ def _cache_main(args: argparse.Namespace) -> int:
 
     from stmi.data.datasets import load_dataset
     from stmi.data.frame_cache import CacheError, ensure_cache, resolve_cache_dir, validate
+    from stmi.recipes import PAPER_IMAGE_SIZE
 
+    if args.image_size is None:
+        args.image_size = "x".join(map(str, PAPER_IMAGE_SIZE[args.dataset]))
     try:
         size = tuple(int(v) for v in args.image_size.lower().replace(",", "x").split("x"))
         if len(size) != 2 or min(size) < 1:

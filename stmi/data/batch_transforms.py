@@ -214,9 +214,18 @@ def prepare_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str
     device = torch.device(device)
     x = torch.as_tensor(frames).to(device, non_blocking=True)
     imgs, mask = normalize_frames(x)
+    stamp = batch.get("frames_stamp")
+    if stamp is not None:  # a worker's reused buffer (stmi.data.cached_dataset): were those this batch's frames?
+        # Checked after the frames were read (a copy from pageable memory has read its source when .to returns; a
+        # pinned batch is the pin thread's private copy, frames copied before the stamp).
+        if int(stamp.numpy().view(np.int64)[0]) != int(batch["frames_gen"]):
+            raise RuntimeError("the frames of this cached training batch were already overwritten by a later batch: "
+                               "a batch of the cached training loader is valid until about "
+                               "stmi.data.cached_dataset.POOL_BATCHES later batches are drawn from the same worker; "
+                               "pass it to prepare_batch (or copy batch['frames']) before drawing more")
     if batch.get("erase") is not None:
         erase_(imgs, batch["erase"])
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()
-           if k not in ("frames", "erase")}
+           if k not in ("frames", "erase", "frames_stamp", "frames_gen")}
     out.update(rgb=imgs[0], nir=imgs[1], tir=imgs[2], mask=mask)
     return out

@@ -16,6 +16,8 @@ Captions are tokenised once, when the dataset is built, not per item per epoch.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,8 @@ from stmi.data.datasets import Triplet
 from stmi.data.frame_cache import FrameCache
 
 Tokenizer = Any
+POOL_BATCHES = 6
+"""Shared-memory frame buffers per loader worker, reused in turn (see ``CachedTripletDataset._buffer``)."""
 
 
 def tokenize_captions(records: Sequence[Triplet], tokenizer: Tokenizer | None, chunk: int = 1024
@@ -89,7 +93,8 @@ class CachedTripletDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
         idx = np.asarray(indices, dtype=np.int64)
         n, (h, w) = len(idx), self.size
-        frames = empty_batch((n, CHANNELS, h, w))
+        frames, stamp, gen = self._buffer((n, CHANNELS, h, w)) if self.train else (empty_batch((n, CHANNELS, h, w)),
+                                                                                    None, 0)
         params = self.params(n) if self.train else BatchParams.identity(n)
         apply_geometry(self.cache.frames, self.rows[idx], params, frames.numpy())
         ti = torch.from_numpy(idx)
@@ -105,11 +110,48 @@ class CachedTripletDataset(Dataset):
             # prepare_batch makes them tensors again.
             batch = {k: v.numpy() for k, v in batch.items()}
             batch["frames"] = frames
+            if stamp is not None:  # after "frames": pin_memory copies in this order, so the stamp is checked last
+                batch["frames_stamp"] = stamp
+                batch["frames_gen"] = np.int64(gen)
             batch["erase"] = params.erase
         else:
             imgs, mask = normalize_frames(frames)
             batch.update(rgb=imgs[0], nir=imgs[1], tir=imgs[2], mask=mask)
         return batch
+
+    def _buffer(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(frames buffer, stamp, generation) for the next training batch.
+
+        In a DataLoader worker the buffers are a ring of :data:`POOL_BATCHES` shared-memory segments reused batch
+        after batch: allocating and zero-faulting a fresh segment per batch (what ``default_collate`` does) costs
+        more than the batch copy itself. A slot is rewritten only ``POOL_BATCHES`` batches later, when the
+        DataLoader (``prefetch_factor`` batches in flight per worker) and a training loop (the current batch) have
+        long let go of it; the 8-byte stamp in front of the frames, written before them, lets
+        :func:`stmi.data.batch_transforms.prepare_batch` detect a batch kept longer than that (an error, never
+        silently changed frames). In the main process (0 workers) a plain tensor is returned.
+        """
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return empty_batch(shape), None, 0
+        pool = self.__dict__.get("_pool")
+        if pool is None or pool["pid"] != os.getpid():
+            pool = self.__dict__["_pool"] = {"pid": os.getpid(), "slots": [None] * POOL_BATCHES, "count": 0,
+                                             "worker": info.id}
+        pool["count"] += 1
+        k = pool["count"] % POOL_BATCHES
+        numel = math.prod(shape)
+        slot = pool["slots"][k]
+        if slot is None or slot[0].shape != shape:
+            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(8 + numel, device="cpu")
+            frames = torch.empty(0, dtype=torch.uint8).set_(storage, 8, shape)
+            stamp = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (8,))
+            slot = pool["slots"][k] = (frames, stamp)
+        gen = (pool["worker"] + 1) << 40 | pool["count"]
+        slot[1].numpy().view(np.int64)[0] = gen
+        return slot[0], slot[1], gen
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One item in ``TripletDataset``'s format (normalised, erased on the CPU when training)."""
