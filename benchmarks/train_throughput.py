@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -245,6 +246,8 @@ def worker(rank: int, args: argparse.Namespace, root: str, port: int) -> dict[st
     try:
         runners = {}
         for v in args.variant_names:
+            if rank == 0:
+                print(f"  building {v} and counting its FLOPs (one forward + backward)", flush=True)
             runners[v] = Runner(run_config(args, root, v), device, rank, world, args)
         flops = {v: r.flops for v, r in runners.items()}
         times: dict[str, list[dict[str, float]]] = {v: [] for v in runners}
@@ -320,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{', compiled' if args.compile else ''}, torch {torch.__version__}, load average {load:.2f}; "
           f"median of {args.steps} after {args.warmup} warm-up", flush=True)
     root = make_dataset(args)
+    try:
+        res = _run(args, root)
+    finally:
+        if not args.data_root:  # the synthetic dataset this run wrote
+            shutil.rmtree(root, ignore_errors=True)
+    report(args, res)
+    return 0
+
+
+def _run(args: argparse.Namespace, root: str) -> dict[str, Any]:
     if args.workers == 1:
         res = worker(0, args, root, 0)
     else:
@@ -333,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         out = str(Path(tempfile.mkdtemp(prefix="stmi-throughput-res-")) / "rank0.pt")
         mp.spawn(_spawned, args=(args, root, port, out), nprocs=args.workers, join=True)
         res = torch.load(out, weights_only=False)
+        shutil.rmtree(Path(out).parent, ignore_errors=True)
     assert res is not None
-    report(args, res)
-    return 0
+    return res
 
 
 if __name__ == "__main__":
