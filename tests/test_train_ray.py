@@ -145,12 +145,13 @@ def test_bad_data_root_fails_before_any_run_is_created(ray_cluster, mlflow_serve
             ("orchestration/train.py", empty, f"missing folder {empty / 'RGBNT201'}"),
             ("orchestration/sweep.py", missing, "does not exist")]
     for script, root, fragment in jobs:
-        proc = ray_cluster.submit("python", script, "--data-root", str(root), "--name", "bad-root",
+        proc = ray_cluster.submit("python", str(REPO / script), "--data-root", str(root), "--name", "bad-root",
                                   "--experiment" if script.endswith("train.py") else "--datasets",
                                   "stmi-bad-root" if script.endswith("train.py") else "rgbnt201", timeout=300)
-        assert proc.returncode != 0, proc.stdout[-2000:]
-        errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
-        assert errors and f"--data-root {root}" in errors[-1] and fragment in errors[-1], proc.stdout[-2000:]
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out[-3000:]
+        errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+        assert errors and f"--data-root {root}" in errors[-1] and fragment in errors[-1], out[-3000:]
     # neither the train experiment nor the sweep's (stmi-<name>) was created: nothing started
     assert MlflowClient(mlflow_server.tracking_uri).get_experiment_by_name("stmi-bad-root") is None
 
