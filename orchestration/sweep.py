@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -382,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         [*raw, *([] if args.name else ["--name", name]), *([] if args.resume else ["--resume"])])
     current: list[tracking.RunLogger] = []  # the dataset's parent run while its Tune experiment runs
 
-    def runs_to_stop() -> list[tracking.RunLogger]:
-        children = [tracking.RunLogger(r, settings.tracking_uri) for p in current
-                    for r in tracking.running_children(cl, exp_id, p.run_id)]
-        return [*children, *current]
+    def runs_to_stop() -> Iterator[tracking.RunLogger]:  # the parent first: the stop leaves 3 s for all of it
+        parents = list(current)
+        yield from parents
+        for p in parents:
+            for run_id in tracking.running_children(cl, exp_id, p.run_id):
+                yield tracking.RunLogger(run_id, settings.tracking_uri)
 
     stop = StopHandler(resume, runs_to_stop).install()
     import ray

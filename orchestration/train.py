@@ -26,7 +26,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -344,11 +344,12 @@ class StopHandler:
     """``ray job stop`` sends SIGTERM to the job's processes and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``).
 
     On SIGTERM the MLflow runs ``runs()`` returns end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
-    command that continues them, first thing, before the driver unwinds; then ``KeyboardInterrupt`` is raised in
-    the main thread so Ray's and Tune's own cleanup runs in whatever time is left.
+    command that continues them, first thing, before the driver unwinds (``runs`` yields the most important run
+    first: on a loaded machine the 3 s may not cover a sweep's every trial; a resumed sweep ends those itself);
+    then ``KeyboardInterrupt`` is raised in the main thread so Ray's and Tune's cleanup runs in the time left.
     """
 
-    def __init__(self, resume: str, runs: Callable[[], list[RunLogger]]) -> None:
+    def __init__(self, resume: str, runs: Callable[[], Iterable[RunLogger]]) -> None:
         self.resume, self.runs, self.stopped = resume, runs, False
 
     def install(self) -> StopHandler:
