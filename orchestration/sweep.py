@@ -390,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             for run_id in tracking.running_children(cl, exp_id, p.run_id):
                 yield tracking.RunLogger(run_id, settings.tracking_uri)
 
-    stop = StopHandler(resume, runs_to_stop).install()
     import ray
 
     ray.init(ignore_reinit_error=True)
+    stop = StopHandler(resume, runs_to_stop).install()  # after ray.init, which sets its own SIGTERM handler
     max_concurrent = args.max_concurrent or default_max_concurrent(args.workers_per_trial, args.cpus_per_worker,
                                                                    args.gpus_per_worker)
     summary = {}

@@ -312,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     resume = "ray job submit -- python orchestration/train.py " + shlex.join(
         raw if args.name else [*raw, "--name", name])
-    stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()
     import ray
     import ray.train
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()  # after ray.init
     status = "FAILED"
     try:
         result = fit(cfg, name, settings=settings, run_id=run_id, workers=args.workers,
@@ -353,6 +353,7 @@ class StopHandler:
         self.resume, self.runs, self.stopped = resume, runs, False
 
     def install(self) -> StopHandler:
+        """Install the handler; call it after ``ray.init``, which replaces any SIGTERM handler with ``sys.exit``."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
