@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               f"test mAP {m.get('test_mAP', float('nan')):.4f} R1 {m.get('test_R1', float('nan')):.4f}")
         return 0
     except ray.train.TrainingFailedError as e:  # Ray has printed the workers' tracebacks; the reason comes last
+        ray.shutdown()  # stops the forwarding of worker logs, which would otherwise print after the reason
         print(f"error: the run failed: {failure_message(e)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

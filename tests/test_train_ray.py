@@ -132,9 +132,9 @@ def _job_cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.Comple
     it does on a saturated machine)."""
     env = {**_env(ray_cluster), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for _ in range(3):
-        proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args, "--address",
-                               ray_cluster.dashboard_url], env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", args[0], "--address",
+                               ray_cluster.dashboard_url, *args[1:]], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
         if proc.returncode == 0 or "ConnectionError" not in proc.stderr:
             return proc
         time.sleep(5)
@@ -183,7 +183,7 @@ def test_ray_job_stop_ends_the_run_killed_with_how_to_resume(ray_cluster, mlflow
         if runs and client.get_metric_history(runs[0].info.run_id, "epoch"):
             break
     else:
-        pytest.fail("the run never logged an epoch")
+        pytest.fail("the run never logged an epoch: " + _job_cli(ray_cluster, "logs", "train-stop-1").stdout[-3000:])
     stop = _job_cli(ray_cluster, "stop", "train-stop-1", timeout=180)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     run = _run_for(client, "stmi-train-test", name)
@@ -235,7 +235,7 @@ def test_dataset_error_in_a_worker_is_not_retried(ray_cluster, mlflow_server, sy
     proc = subprocess.run(_train_cmd(name, root, 2), env=_env(ray_cluster), cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    last = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()][-1]
     assert last.startswith("error: the run failed: rank ") and str(bad) in last and "zero-byte" in last, last
     decisions = _failure_decisions(ray_cluster.temp_dir, name)
     assert decisions and not [d for d in decisions if "RETRY" in d], decisions  # --max-failures 2, yet no retry
