@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(ignore_reinit_error=True)
-    stop = StopHandler(resume, runs_to_stop).install()  # after ray.init, which sets its own SIGTERM handler
+    stop = StopHandler(resume, runs_to_stop, defer=True).install()  # after ray.init, which sets its own handler
     max_concurrent = args.max_concurrent or default_max_concurrent(args.workers_per_trial, args.cpus_per_worker,
                                                                    args.gpus_per_worker)
     summary = {}
@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
               flush=True)
     except KeyboardInterrupt:
-        if stop.stopped:
+        if stop.stopped:  # Tune has unwound (and saved its state): now the MLflow runs
+            stop.end_runs()
             return 143  # 128 + SIGTERM: `ray job stop`
         raise
     return 1 if failed else 0

@@ -344,24 +344,26 @@ def main(argv: list[str] | None = None) -> int:
 class StopHandler:
     """``ray job stop`` sends SIGTERM to the job's processes and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``).
 
-    On SIGTERM the MLflow runs ``runs()`` returns end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
-    command that continues them, first thing, before the driver unwinds (``runs`` yields the most important run
-    first: on a loaded machine the 3 s may not cover a sweep's every trial; a resumed sweep ends those itself);
-    then ``KeyboardInterrupt`` is raised in the main thread so Ray's and Tune's cleanup runs in the time left.
+    On SIGTERM the MLflow runs ``runs()`` yields end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
+    command that continues them, and ``KeyboardInterrupt`` is raised in the main thread. A single run is ended
+    first thing; a sweep (``defer=True``) first lets Tune unwind and save its experiment state, which is what
+    ``--resume`` needs, then ends the runs (the parent first: on a loaded machine the 3 s may not cover every
+    trial; a resumed sweep ends those itself).
     """
 
-    def __init__(self, resume: str, runs: Callable[[], Iterable[RunLogger]]) -> None:
-        self.resume, self.runs, self.stopped = resume, runs, False
+    def __init__(self, resume: str, runs: Callable[[], Iterable[RunLogger]], defer: bool = False) -> None:
+        self.resume, self.runs, self.defer, self.stopped, self._ended = resume, runs, defer, False, False
 
     def install(self) -> StopHandler:
         """Install the handler; call it after ``ray.init``, which replaces any SIGTERM handler with ``sys.exit``."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.stopped:
+    def end_runs(self) -> None:
+        """End the runs KILLED with the resume tag (once); ``defer=True`` callers call it after unwinding."""
+        if self._ended:
             return
-        self.stopped = True
+        self._ended = True
         try:
             for run in self.runs():
                 run.set_tags({"stmi.resume": self.resume})
@@ -370,6 +372,13 @@ class StopHandler:
                   flush=True)
         except Exception as e:  # never mask the stop itself
             print(f"stopped; MLflow not updated ({e}); continue with: {self.resume}", file=sys.stderr, flush=True)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if not self.defer:
+            self.end_runs()
         raise KeyboardInterrupt
 
 
