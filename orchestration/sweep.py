@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
             tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
             results = tuner.fit()
+            if stop.stopped:  # Tune may return from an interrupt instead of raising: nothing is finished then
+                raise KeyboardInterrupt
             best = finish_dataset(spec, results, ss.metric, ss.mode)
             current.clear()
             if best is None:
