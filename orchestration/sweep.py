@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -382,15 +383,17 @@ def main(argv: list[str] | None = None) -> int:
         [*raw, *([] if args.name else ["--name", name]), *([] if args.resume else ["--resume"])])
     current: list[tracking.RunLogger] = []  # the dataset's parent run while its Tune experiment runs
 
-    def runs_to_stop() -> list[tracking.RunLogger]:
-        children = [tracking.RunLogger(r, settings.tracking_uri) for p in current
-                    for r in tracking.running_children(cl, exp_id, p.run_id)]
-        return [*children, *current]
+    def runs_to_stop() -> Iterator[tracking.RunLogger]:  # the parent first: the stop leaves 3 s for all of it
+        parents = list(current)
+        yield from parents
+        for p in parents:
+            for run_id in tracking.running_children(cl, exp_id, p.run_id):
+                yield tracking.RunLogger(run_id, settings.tracking_uri)
 
-    stop = StopHandler(resume, runs_to_stop).install()
     import ray
 
     ray.init(ignore_reinit_error=True)
+    stop = StopHandler(resume, runs_to_stop, defer=True).install()  # after ray.init, which sets its own handler
     max_concurrent = args.max_concurrent or default_max_concurrent(args.workers_per_trial, args.cpus_per_worker,
                                                                    args.gpus_per_worker)
     summary = {}
@@ -424,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
             tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
             results = tuner.fit()
+            if stop.stopped:  # Tune may return from an interrupt instead of raising: nothing is finished then
+                raise KeyboardInterrupt
             best = finish_dataset(spec, results, ss.metric, ss.mode)
             current.clear()
             if best is None:
@@ -439,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
               flush=True)
     except KeyboardInterrupt:
-        if stop.stopped:
+        if stop.stopped:  # Tune has unwound (and saved its state): now the MLflow runs
+            stop.end_runs()
             return 143  # 128 + SIGTERM: `ray job stop`
         raise
     return 1 if failed else 0

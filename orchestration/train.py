@@ -26,7 +26,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,11 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     resume = "ray job submit -- python orchestration/train.py " + shlex.join(
         raw if args.name else [*raw, "--name", name])
-    stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()
     import ray
     import ray.train
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()  # after ray.init
     status = "FAILED"
     try:
         result = fit(cfg, name, settings=settings, run_id=run_id, workers=args.workers,
@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
               f"test mAP {m.get('test_mAP', float('nan')):.4f} R1 {m.get('test_R1', float('nan')):.4f}")
         return 0
     except ray.train.TrainingFailedError as e:  # Ray has printed the workers' tracebacks; the reason comes last
+        ray.shutdown()  # stops the forwarding of worker logs, which would otherwise print after the reason
         print(f"error: the run failed: {failure_message(e)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
@@ -346,22 +347,26 @@ def main(argv: list[str] | None = None) -> int:
 class StopHandler:
     """``ray job stop`` sends SIGTERM to the job's processes and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``).
 
-    On SIGTERM the MLflow runs ``runs()`` returns end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
-    command that continues them, first thing, before the driver unwinds; then ``KeyboardInterrupt`` is raised in
-    the main thread so Ray's and Tune's own cleanup runs in whatever time is left.
+    On SIGTERM the MLflow runs ``runs()`` yields end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
+    command that continues them, and ``KeyboardInterrupt`` is raised in the main thread. A single run is ended
+    first thing; a sweep (``defer=True``) first lets Tune unwind and save its experiment state, which is what
+    ``--resume`` needs, then ends the runs (the parent first: on a loaded machine the 3 s may not cover every
+    trial; a resumed sweep ends those itself).
     """
 
-    def __init__(self, resume: str, runs: Callable[[], list[RunLogger]]) -> None:
-        self.resume, self.runs, self.stopped = resume, runs, False
+    def __init__(self, resume: str, runs: Callable[[], Iterable[RunLogger]], defer: bool = False) -> None:
+        self.resume, self.runs, self.defer, self.stopped, self._ended = resume, runs, defer, False, False
 
     def install(self) -> StopHandler:
+        """Install the handler; call it after ``ray.init``, which replaces any SIGTERM handler with ``sys.exit``."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.stopped:
+    def end_runs(self) -> None:
+        """End the runs KILLED with the resume tag (once); ``defer=True`` callers call it after unwinding."""
+        if self._ended:
             return
-        self.stopped = True
+        self._ended = True
         try:
             for run in self.runs():
                 run.set_tags({"stmi.resume": self.resume})
@@ -370,6 +375,13 @@ class StopHandler:
                   flush=True)
         except Exception as e:  # never mask the stop itself
             print(f"stopped; MLflow not updated ({e}); continue with: {self.resume}", file=sys.stderr, flush=True)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if not self.defer:
+            self.end_runs()
         raise KeyboardInterrupt
 
 
