@@ -48,7 +48,7 @@ from stmi.callbacks import Callback, EpochEnd, FitState
 from stmi.config import LossConfig, ModelConfig, OptimConfig, STMIConfig, from_dict, to_dict
 from stmi.data.batch import model_inputs
 from stmi.data.loaders import Loaders, build_loaders
-from stmi.eval import evaluate
+from stmi.eval import evaluate, evaluate_features
 from stmi.model import build_model
 
 CHECKPOINT_FORMAT = 1
@@ -349,10 +349,9 @@ def build_tokenizer(cfg: ModelConfig) -> Callable[[list[str]], torch.Tensor]:
     tokenises request captions with; the ids equal ``STMI.tokenize``'s (a test checks it). Built from the config,
     not the model, so the loaders can exist before the model (whose ``num_classes`` they decide).
     """
-    import open_clip
+    from stmi.model.backbone import clip_tokenizer, text_context_length
 
-    text_cfg = (open_clip.get_model_config(cfg.clip_model) or {}).get("text_cfg", {})
-    return open_clip.SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
+    return clip_tokenizer(text_context_length(cfg.clip_model))
 
 
 def export_model(weights: dict[str, torch.Tensor] | nn.Module, cfg: STMIConfig, path: str | Path) -> Path:
@@ -424,6 +423,8 @@ class TrainingRun:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    eval_shards: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict, repr=False)
+    """This rank's evaluation loaders over its shard of each split (built on first use; distributed runs only)."""
 
     @property
     def core(self) -> nn.Module:
@@ -437,13 +438,15 @@ class TrainingRun:
 
 
 def find_unused_parameters(cfg: STMIConfig) -> bool:
-    """DDP's ``find_unused_parameters`` for this config.
+    """DDP's ``find_unused_parameters`` for this config: :func:`stmi.model.needs_find_unused_parameters`.
 
-    True for every config for now: the configs that leave a parameter without a gradient in some step (no mask ->
-    no SFM gradient, no camera id -> no SIE gradient) have not been enumerated; DDP without the flag would fail on
-    them. The flag costs a graph traversal per step, so a config known to use every parameter should return False.
+    Every configuration builds only parameters that reach the loss and keeps the rest in the graph with a zero
+    gradient, so this is False (``tests/test_ddp_params.py`` checks every ablation); the flag would cost a graph
+    traversal per step.
     """
-    return True
+    from stmi.model.stmi import needs_find_unused_parameters
+
+    return needs_find_unused_parameters(cfg.model)
 
 
 def with_data_fields(cfg: STMIConfig, loaders: Loaders) -> STMIConfig:
@@ -481,16 +484,47 @@ def prepare_run(cfg: STMIConfig, *, rank: int = 0, world_size: int = 1, device: 
                        tokenizer=tokenizer, device=device, rank=rank, world_size=world_size)
 
 
-def evaluate_split(run: TrainingRun, split: str) -> dict[str, Any]:
+def evaluate_split(run: TrainingRun, split: str) -> dict[str, Any] | None:
     """Evaluate ``run.core`` on ``"val"`` or ``"test"`` (query against gallery); see :func:`stmi.eval.evaluate`.
 
-    The one place :func:`fit` evaluates. It runs on the main rank only (``run.is_main``), on the whole split.
+    The one place :func:`fit` evaluates. The test split is evaluated on the calling rank alone (the main rank, once,
+    with the selected weights only it holds). Validation in a distributed run (``world_size > 1``) is called by
+    every rank: each
+    extracts the features of its contiguous shard of the split and they are all-gathered
+    (:mod:`stmi.distributed_eval`), so extraction time falls with the world size; the main rank scores them and
+    the other ranks get None. With one rank it is the plain :func:`stmi.eval.evaluate`.
     """
     loaders = run.loaders
     query, gallery = (loaders.val_query, loaders.val_gallery) if split == "val" else (loaders.query, loaders.gallery)
     if query is None or gallery is None:
         raise ValueError(f"evaluate_split: the run has no {split!r} split (data.val_fraction = 0?)")
-    return evaluate(run.core, query, gallery, run.device, use_scenes=loaders.uses_scenes)
+    if run.world_size == 1 or split == "test":  # the final test runs once, on the main rank (it holds the weights)
+        return evaluate(run.core, query, gallery, run.device, use_scenes=loaders.uses_scenes)
+    from stmi.distributed_eval import extract_features_sharded, shard_loader
+
+    def features(loader: Any) -> Any:
+        key = (split, id(loader))
+        if key not in run.eval_shards:  # built once per split, so its workers are started once
+            run.eval_shards[key] = shard_loader(loader, run.rank, run.world_size)
+        return extract_features_sharded(run.core, loader, run.device, run.rank, run.world_size,
+                                        shard=run.eval_shards[key])
+
+    qf = features(query)
+    gf = qf if gallery is query else features(gallery)
+    if not run.is_main:
+        return None
+    return evaluate_features(qf, gf, use_scenes=loaders.uses_scenes, device=run.device)
+
+
+def _from_main_rank(run: TrainingRun, flag: bool) -> bool:
+    """The main rank's value of ``flag`` on every rank (a broadcast; gloo on CPU, NCCL on the GPU)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=run.device if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -501,9 +535,10 @@ def fit(run: TrainingRun, state: FitState | None = None, callbacks: Sequence[Cal
         evaluate_untrained: bool = False, progress: bool | None = None) -> FitState:
     """Train ``run`` from ``state.epoch`` to ``cfg.optim.epochs`` (see the module docstring for the policy).
 
-    Per epoch: :func:`train_one_epoch`; on the main rank, validation every ``optim.eval_every`` epochs and at the
-    last one, keeping the weights of the best validation mAP (without a validation split: the last epoch's); after
-    the last epoch the selected weights are tested (:meth:`Callback.on_test_end`) and the trained weights put back.
+    Per epoch: :func:`train_one_epoch`; validation every ``optim.eval_every`` epochs and at the last one (features
+    extracted by every rank of a distributed run, scored on the main rank), the main rank keeping the weights of the
+    best validation mAP (without a validation split: the last epoch's); after the last epoch the main rank tests the
+    selected weights (:meth:`Callback.on_test_end`) and puts the trained weights back.
     Then :meth:`Callback.on_epoch_end` on every rank.
 
     Args:
@@ -519,8 +554,12 @@ def fit(run: TrainingRun, state: FitState | None = None, callbacks: Sequence[Cal
     has_val = run.loaders.val_query is not None
     if progress is None:
         progress = run.is_main and sys.stderr.isatty()
-    if evaluate_untrained and run.is_main and has_val and state.epoch == 0:
+    if run.world_size > 1:  # validation is collective: every rank must agree on whether it happens
+        evaluate_untrained = _from_main_rank(run, evaluate_untrained)
+    val0 = None
+    if evaluate_untrained and has_val and state.epoch == 0 and (run.is_main or run.world_size > 1):
         val0 = evaluate_split(run, "val")
+    if val0 is not None:
         for cb in callbacks:
             cb.on_untrained(run, {"untrained_val_mAP": val0["mAP"], "untrained_val_R1": val0["R1"]})
     epochs = cfg.optim.epochs
@@ -530,8 +569,11 @@ def fit(run: TrainingRun, state: FitState | None = None, callbacks: Sequence[Cal
         stats = train_one_epoch(run.model, run.loaders.train, run.optimizer, run.scheduler, cfg.loss, run.device,
                                 epoch, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, progress=progress)
         metrics: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
-        if run.is_main and has_val and ((epoch + 1) % cfg.optim.eval_every == 0 or last):
-            val = evaluate_split(run, "val")
+        if has_val and ((epoch + 1) % cfg.optim.eval_every == 0 or last) and (run.is_main or run.world_size > 1):
+            val = evaluate_split(run, "val")  # every rank when distributed (sharded extraction), else the main one
+        else:
+            val = None
+        if val is not None:
             metrics.update(val_mAP=val["mAP"], val_R1=val["R1"], val_R5=val["R5"])
             if val["mAP"] > state.best["val_mAP"]:
                 state.best = {"val_mAP": val["mAP"], "val_R1": val["R1"], "epoch": epoch}

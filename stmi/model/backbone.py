@@ -54,6 +54,24 @@ TINY_MODEL_CONFIG: dict[str, Any] = {
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
+def clip_tokenizer(context_length: int) -> open_clip.SimpleTokenizer:
+    """open_clip's CLIP tokenizer at ``context_length``: the one tokenizer of the project (the model's ``tokenize``,
+    the loaders' captions and serving all use it), built once per length. It is picklable, so loader workers can
+    hold it."""
+    tok = _TOKENIZERS.get(context_length)
+    if tok is None:
+        tok = _TOKENIZERS[context_length] = open_clip.SimpleTokenizer(context_length=context_length)
+    return tok
+
+
+def text_context_length(clip_model: str) -> int:
+    """The text tower's context length of the open_clip config ``clip_model`` (77 when it does not say)."""
+    return int(((open_clip.get_model_config(clip_model) or {}).get("text_cfg") or {}).get("context_length", 77))
+
+
+_TOKENIZERS: dict[int, open_clip.SimpleTokenizer] = {}
+
+
 def register_model_config(name: str, config: dict[str, Any]) -> None:
     """Add ``config`` to open_clip's model registry under ``name`` (so ``open_clip.create_model(name)`` works).
 
@@ -412,13 +430,10 @@ class TextEncoder(nn.Module):
             self.text_projection.out_features if isinstance(self.text_projection, nn.Linear)
             else self.text_projection.shape[1]
         )
-        self._tokenizer: open_clip.SimpleTokenizer | None = None
 
     def tokenize(self, texts: list[str]) -> Tensor:
-        """``(len(texts), context_length)`` token ids with open_clip's CLIP tokenizer (empty strings allowed)."""
-        if self._tokenizer is None:
-            self._tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
-        return self._tokenizer(list(texts))
+        """``(len(texts), context_length)`` token ids with :func:`clip_tokenizer` (empty strings allowed)."""
+        return clip_tokenizer(self.context_length)(list(texts))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(B, context_length)`` ids -> ``(B, D)`` text features."""

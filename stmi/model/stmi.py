@@ -36,13 +36,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stmi.config import ModelConfig
-from stmi.model.backbone import build_backbones
+from stmi.model.backbone import build_backbones, clip_tokenizer
 from stmi.model.fusion import GlobalFusion, build_token_fusion
 from stmi.model.heads import BNNeck
 from stmi.model.sfm import patch_token_mask, perturb_token_mask
@@ -88,7 +87,6 @@ class STMI(nn.Module):
         # The tokenizer needs only the context length, so captions can be tokenised either way.
         self.text = text if cfg.use_text else None
         self.context_length = int(text.context_length)
-        self._tokenizer: open_clip.SimpleTokenizer | None = None
 
         self.has_u = cfg.use_global_fusion and not (not cfg.use_str and cfg.fusion == "concat")
         self.str_module: SemanticTokenReallocation | None = None
@@ -121,11 +119,7 @@ class STMI(nn.Module):
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Caption token ids ``(len(captions), context_length)`` for the ``text`` argument."""
-        if self.text is not None:
-            return self.text.tokenize(list(captions))
-        if self._tokenizer is None:
-            self._tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
-        return self._tokenizer(list(captions))
+        return clip_tokenizer(self.context_length)(list(captions))
 
     def _token_mask(
         self, mask: torch.Tensor | None, has_mask: torch.Tensor | None, batch: int
