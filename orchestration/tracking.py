@@ -64,13 +64,22 @@ def find_experiment(cl: Any, name: str) -> Any | None:
     return cl.get_experiment_by_name(name)
 
 
+#: MLflow 3's UI opens an experiment on its GenAI view (traces, token usage) unless the experiment says it is a
+#: machine-learning one; every experiment the platform creates or reuses carries this tag.
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(cl: Any, name: str) -> str:
-    """The id of experiment ``name``, created when absent (restored when deleted)."""
+    """The id of experiment ``name``, created when absent (restored when deleted), tagged as a machine-learning
+    experiment (:data:`EXPERIMENT_KIND_TAGS`) so the UI opens on its runs."""
     exp = cl.get_experiment_by_name(name)
     if exp is None:
-        return cl.create_experiment(name)
+        return cl.create_experiment(name, tags=EXPERIMENT_KIND_TAGS)
     if exp.lifecycle_stage == "deleted":
         cl.restore_experiment(exp.experiment_id)
+    for k, v in EXPERIMENT_KIND_TAGS.items():
+        if exp.tags.get(k) != v:
+            cl.set_experiment_tag(exp.experiment_id, k, v)
     return exp.experiment_id
 
 
@@ -132,6 +141,7 @@ def driver_tags() -> dict[str, str]:
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if script in ("train.py", "sweep.py"):
         tags["stmi.command"] = shlex.join(["python", f"orchestration/{script}", *sys.argv[1:]])
+        tags.update({"mlflow.source.name": f"orchestration/{script}", "mlflow.source.type": "JOB"})
     return tags
 
 
@@ -301,6 +311,8 @@ class RunLogger:
             path, artifact_path = payload
             cl.log_artifact(self.run_id, str(path), artifact_path)
             shutil.rmtree(path.parent, ignore_errors=True)
+        elif kind == "inputs":
+            cl.log_inputs(self.run_id, datasets=payload)
         elif kind == "terminate":
             cl.set_terminated(self.run_id, status=payload)
         else:  # pragma: no cover - programming error
@@ -341,6 +353,29 @@ class RunLogger:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params not yet on the run (a resumed run keeps its params; a value never changes)."""
         self._put("params", {k: _clean(v) for k, v in params.items() if k not in SECRET_ENV})
+
+    def log_data_fingerprints(self, fingerprints: Mapping[str, Any], source: str, name: str) -> None:
+        """One MLflow dataset input per split (the UI's Dataset column): ``name``, the data root as source, the
+        split's fingerprint as digest and the split as context; plus ``stmi.data.fingerprint.<split>`` tags, which
+        ``--rerun`` compares. ``fingerprints``: ``{split: stmi.data.fingerprint.Fingerprint}``."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; MLflow warns
+            warnings.simplefilter("ignore")
+            src = resolve_dataset_source(source)
+        inputs, seen = [], set()
+        for split, fp in fingerprints.items():
+            ds = MetaDataset(source=src, name=f"{name}-{split}", digest=fp.digest)
+            if (ds.name, fp.digest) in seen:
+                continue
+            seen.add((ds.name, fp.digest))
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
+        self._put("inputs", inputs)
+        self.set_tags({f"stmi.data.fingerprint.{split}": fp.digest for split, fp in fingerprints.items()})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._put("tags", {k: _clean(v) for k, v in tags.items()})

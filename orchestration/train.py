@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from orchestration import tracking
 from orchestration.settings import PlatformSettings, SettingsError
 from orchestration.tracking import RunLogger
+from stmi import provenance
 from stmi.callbacks import Callback, EpochEnd
 from stmi.config import (
     DATASETS,
@@ -92,7 +93,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tracker.set_tags({"stmi.resumed_from_epoch": state.epoch - 1})
         else:
             tracker.set_tags({"stmi.missing_captions": run.loaders.missing_captions,
-                              "stmi.selects_on_test": run.loaders.selects_on_test})
+                              "stmi.selects_on_test": run.loaders.selects_on_test,
+                              **provenance.run_tags(str(run.device), world)})
+            log_data_inputs(tracker, run.cfg)
         tracker.start_system_metrics()
         callbacks.append(MlflowLog(tracker))
     try:
@@ -101,6 +104,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     finally:
         if tracker is not None:
             tracker.stop_system_metrics()
+
+
+def log_data_inputs(tracker: RunLogger, cfg: STMIConfig) -> None:
+    """The fingerprint of each split the run reads, as MLflow dataset inputs and tags (``RunLogger``)."""
+    from stmi.data import load_dataset
+    from stmi.data.fingerprint import fingerprint_dataset
+
+    splits = load_dataset(cfg.data.dataset, cfg.data.root)
+    tracker.log_data_fingerprints(fingerprint_dataset(splits), source=str(splits.root), name=cfg.data.dataset)
 
 
 class RayReport(Callback):

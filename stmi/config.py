@@ -156,6 +156,9 @@ class OptimConfig:
     amp: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
     grad_clip: float | None = None
+    deterministic: bool = False
+    """Bit-reproducible runs: torch's deterministic algorithms, the math attention kernel (no flash / memory-efficient
+    SDPA, SFM's explicit kernel), cuDNN autotuning off, seeded loader workers. Slower on GPUs."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -76,8 +77,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        # The math attention kernel: flash / memory-efficient / cuDNN SDPA backward passes use atomics.
+        for name in ("enable_flash_sdp", "enable_mem_efficient_sdp", "enable_cudnn_sdp"):
+            getattr(torch.backends.cuda, name, lambda _: None)(False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -471,7 +477,9 @@ def prepare_run(cfg: STMIConfig, *, rank: int = 0, world_size: int = 1, device: 
         DatasetError: the data is missing or malformed (names the path and the fix).
     """
     device = torch.device(device)
-    seed_everything(cfg.optim.seed + rank)
+    seed_everything(cfg.optim.seed + rank, deterministic=cfg.optim.deterministic)
+    if cfg.optim.deterministic and cfg.model.sfm_kernel != "explicit":  # the fused flex kernel is not deterministic
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sfm_kernel="explicit"))
     tokenizer = build_tokenizer(cfg.model)
     loaders = build_loaders(cfg, tokenizer, rank=rank, world_size=world_size)
     cfg = with_data_fields(cfg, loaders)
