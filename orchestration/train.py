@@ -95,6 +95,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tracker.set_tags({"stmi.missing_captions": run.loaders.missing_captions,
                               "stmi.selects_on_test": run.loaders.selects_on_test,
                               **provenance.run_tags(str(run.device), world)})
+            tracker.log_dict(to_dict(run.cfg), "config.json")  # again at the test: the re-runnable config
             log_data_inputs(tracker, run.cfg)
         tracker.start_system_metrics()
         callbacks.append(MlflowLog(tracker))
@@ -298,6 +299,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     p.add_argument("--name", help="run name (deterministic: the same name resumes the run); default derived")
     p.add_argument("--experiment", default="stmi-train", help="MLflow experiment")
+    p.add_argument("--rerun", metavar="RUN", help="run a logged run again with its exact config: an MLflow run id or "
+                   "models:/NAME@ALIAS (e.g. models:/stmi-rgbnt201@champion); the code version and data fingerprints "
+                   "it recorded are compared with the current ones (a warning per difference); --set, --epochs and "
+                   "--data-root still apply; the new run is tagged stmi.rerun_of")
+    p.add_argument("--strict", action="store_true", help="with --rerun: refuse to run when code or data differ")
     PlatformSettings.add_arguments(p)
     return p
 
@@ -307,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("stmi").setLevel(logging.INFO)
     args = parser().parse_args(argv)
+    extra_tags: dict[str, str] = {}
     try:
         overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
-        cfg = build_config(args.recipe, args.dataset, args.data_root, overrides)
-        if args.data_root:
-            check_data_root(cfg.data.dataset, cfg.data.root)
         settings = PlatformSettings.from_env(args)
+        if args.rerun:
+            cfg, extra_tags = _rerun_config(args, settings, overrides)
+        else:
+            cfg = build_config(args.recipe, args.dataset, args.data_root, overrides)
+        if args.data_root or args.rerun:
+            check_data_root(cfg.data.dataset, cfg.data.root)
         settings.check_storage()
     except (ConfigError, SettingsError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -322,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     cl = tracking.client(settings.tracking_uri)
     exp_id = tracking.get_or_create_experiment(cl, args.experiment)
     run_id = tracking.get_or_create_run(cl, exp_id, f"train/{name}", name,
-                                        tags={"stmi.dataset": cfg.data.dataset, "stmi.recipe": cfg.recipe})
+                                        tags={"stmi.dataset": cfg.data.dataset, "stmi.recipe": cfg.recipe,
+                                              **extra_tags})
     print(f"MLflow run {run_id} in experiment {args.experiment!r} at {settings.tracking_uri}", flush=True)
     raw = list(sys.argv[1:] if argv is None else argv)
     resume = "ray job submit -- python orchestration/train.py " + shlex.join(
@@ -354,6 +365,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not stop.stopped:  # a stop already ended the run (first thing, within `ray job stop`'s 3 s)
             RunLogger(run_id, settings.tracking_uri).terminate(status)
+
+
+def _rerun_config(args: argparse.Namespace, settings: PlatformSettings,
+                  overrides: list[str]) -> tuple[STMIConfig, dict[str, str]]:
+    """``--rerun``: the logged run's config (data root and ``--set`` overrides applied), the tags of the new run.
+
+    Raises:
+        SettingsError: the run cannot be found or rebuilt, or (``--strict``) its code or data differ.
+    """
+    from orchestration import rerun
+
+    cl = tracking.client(settings.tracking_uri)
+    try:
+        src = rerun.resolve_run(cl, args.rerun)
+        cfg = rerun.with_data_root(rerun.run_config(src, settings.tracking_uri), args.data_root)
+        cfg = apply_overrides(cfg, parse_assignments(overrides))
+        diffs = rerun.differences(src, cfg)
+    except rerun.RerunError as e:
+        raise SettingsError(f"--rerun {args.rerun}: {e}") from None
+    for d in diffs:
+        print(f"warning: --rerun {src.info.run_id}: {d}", file=sys.stderr)
+    if diffs and args.strict:
+        raise SettingsError(f"--rerun {src.info.run_id} --strict: {len(diffs)} difference(s) above; drop --strict to "
+                            f"run anyway")
+    if not diffs:
+        print(f"rerun of {src.info.run_id}: same code version and data fingerprints", flush=True)
+    return cfg, {rerun.RERUN_TAG: src.info.run_id, "stmi.rerun_differences": "; ".join(diffs)[:5000]}
 
 
 class StopHandler:

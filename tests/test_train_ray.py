@@ -242,3 +242,82 @@ def test_dataset_error_in_a_worker_is_not_retried(ray_cluster, mlflow_server, sy
     assert decisions and not [d for d in decisions if "RETRY" in d], decisions  # --max-failures 2, yet no retry
     run = _run_for(MlflowClient(mlflow_server.tracking_uri), "stmi-train-test", name)
     assert run.info.status == "FAILED"
+
+
+def _upload_dir(dst: Path) -> Path:
+    """What ``ray job submit --working-dir`` ships of a checkout: its sources, no ``.git``."""
+    import shutil
+
+    from stmi.provenance import SOURCE_DIRS
+
+    for d in SOURCE_DIRS:
+        shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(REPO / "pyproject.toml", dst / "pyproject.toml")
+    return dst
+
+
+@pytest.mark.timeout(1500)
+def test_provenance_on_a_working_dir_job_and_a_deterministic_rerun(ray_cluster, mlflow_server, synth_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """A run submitted with ``--working-dir`` (no .git) records the upload's content hash, library and device facts
+    and its data as dataset inputs; ``--rerun`` of it in deterministic mode gives the same metrics; a bad
+    ``--rerun`` (unknown id, moved data) is one clear line."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from stmi.data import load_dataset
+    from stmi.data.fingerprint import fingerprint_dataset
+    from stmi.provenance import source_hash
+
+    upload = _upload_dir(tmp_path / "upload")
+    args = ["python", "-m", "orchestration.train", "--dataset", "rgbnt201", "--data-root", str(synth_root),
+            "--recipe", "demo", "--workers", "1", "--cpus-per-worker", "0.9", "--epochs", "2",
+            "--experiment", "stmi-rerun-test", "--set", "optim.deterministic=true", "--set", "data.num_workers=1"]
+    first = ray_cluster.submit(*args, "--name", "det-a", extra_args=("--working-dir", str(upload)), timeout=900)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    client = MlflowClient(mlflow_server.tracking_uri)
+    exp = client.get_experiment_by_name("stmi-rerun-test")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"  # the UI opens on the runs
+    a = _run_for(client, "stmi-rerun-test", "det-a")
+    tags = a.data.tags
+    assert tags["stmi.code.source_hash"] == source_hash(upload) and "stmi.code.git_commit" not in tags
+    assert tags["stmi.code.version"].startswith("src:") and tags["mlflow.source.name"] == "orchestration/train.py"
+    assert tags["stmi.device.world_size"] == "1" and tags["stmi.version.torch"] not in ("", "missing")
+    current = fingerprint_dataset(load_dataset("rgbnt201", synth_root))
+    inputs = {i.tags[0].value: i.dataset for i in a.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "query", "gallery"}
+    for split, fp in current.items():
+        assert inputs[split].digest == fp.digest == tags[f"stmi.data.fingerprint.{split}"]
+        assert str(synth_root) in inputs[split].source
+
+    second = ray_cluster.submit("python", "orchestration/train.py", "--rerun", a.info.run_id, "--name", "det-b",
+                                "--experiment", "stmi-rerun-test", timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    assert "same code version and data fingerprints" in second.stdout
+    b = _run_for(client, "stmi-rerun-test", "det-b")
+    assert b.data.tags["stmi.rerun_of"] == a.info.run_id
+    assert b.data.params["optim.deterministic"] == "True" and b.data.params["optim.epochs"] == "2"
+    for metric in ("val_mAP", "train_loss", "test_mAP", "test_R1", "untrained_val_mAP"):
+        ha = [(m.step, m.value) for m in client.get_metric_history(a.info.run_id, metric)]
+        hb = [(m.step, m.value) for m in client.get_metric_history(b.info.run_id, metric)]
+        assert ha and sorted(ha) == sorted(hb), (metric, ha, hb)
+
+    env = _env(ray_cluster)
+    t0 = time.monotonic()
+    bad = subprocess.run([sys.executable, "-m", "orchestration.train", "--rerun", "0123456789abcdef"], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and time.monotonic() - t0 < 60
+    assert bad.stderr.strip().count("\n") == 0 and "no MLflow run '0123456789abcdef'" in bad.stderr
+
+    # a run whose data moved: its config names a folder that is not there any more
+    cfg = json.loads(Path(client.download_artifacts(a.info.run_id, "config.json", str(tmp_path))).read_text())
+    cfg["data"]["root"] = str(tmp_path / "moved-away")
+    moved = client.create_run(exp.experiment_id, run_name="moved", tags={
+        k: v for k, v in tags.items() if k.startswith(("stmi.code.", "stmi.data."))})
+    client.log_dict(moved.info.run_id, cfg, "config.json")
+    client.set_terminated(moved.info.run_id)
+    gone = subprocess.run([sys.executable, "-m", "orchestration.train", "--rerun", moved.info.run_id], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 2 and gone.stderr.strip().count("\n") == 0, gone.stderr
+    assert "moved-away" in gone.stderr and "--data-root" in gone.stderr
