@@ -115,4 +115,32 @@ def register_champion(checkpoint_path: str | Path, dataset: str, logger: RunLogg
     if source_run_id:
         tags["stmi.champion_trial_run"] = source_run_id
     logger.set_tags(tags)
+    vtags, description = version_facts(logger, source_run_id or logger.run_id, dataset)
+    logger.describe_model_version(name, version, vtags, description)
     return Champion(name=name, version=version, model=info)
+
+
+#: The metrics of the trained run a registered version carries as tags.
+VERSION_METRICS = ("best_val_mAP", "best_epoch", "test_mAP", "test_R1", "test_R5", "test_R10", "untrained_val_mAP")
+
+
+def version_facts(logger: RunLogger, trained_run_id: str, dataset: str) -> tuple[dict[str, Any], str]:
+    """Tags and a Markdown description of a registered version, from the run that trained its weights: validation
+    and test metrics, the data fingerprints, the code version, the sweep and trial, and how to re-run it."""
+    run = logger.client.get_run(trained_run_id)
+    m, t = run.data.metrics, run.data.tags
+    tags: dict[str, Any] = {f"metric.{k}": m[k] for k in VERSION_METRICS if k in m}
+    tags.update({k: v for k, v in t.items() if k.startswith(("stmi.data.fingerprint.", "stmi.code."))})
+    tags.update({"stmi.dataset": dataset, "stmi.trained_run": trained_run_id, "stmi.sweep": t.get("stmi.sweep", ""),
+                 "stmi.trial": t.get("stmi.trial_id", t.get("mlflow.runName", ""))})
+
+    def fmt(k: str) -> str:
+        return f"{m[k]:.4f}" if k in m else "n/a"
+    description = (
+        f"STMI on {dataset}, trained by run `{trained_run_id}` (sweep `{tags['stmi.sweep'] or '-'}`, trial "
+        f"`{tags['stmi.trial'] or '-'}`). Selected on validation: best val mAP {fmt('best_val_mAP')} at epoch "
+        f"{fmt('best_epoch')}; test mAP {fmt('test_mAP')}, R1 {fmt('test_R1')}, R5 {fmt('test_R5')}, R10 "
+        f"{fmt('test_R10')}. Code {t.get('stmi.code.version', 'unknown')}; data train "
+        f"{t.get('stmi.data.fingerprint.train', 'unknown')}. Re-run: `python orchestration/train.py --rerun "
+        f"{trained_run_id}`.")
+    return tags, description

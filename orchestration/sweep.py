@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                                "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
                                "sweep.max_concurrent": max_concurrent})
             parent.log_artifact(ss.path, "search_space")
+            note = sweep_note(name, args, dataset, ss, list(raw))
+            parent.set_tags({"mlflow.note.content": note})
             print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
                   f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
             tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
@@ -436,11 +438,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 continue
             summary[dataset] = best
-            parent.set_tags({"stmi.sweep_done": "true"})
+            parent.set_tags({"stmi.sweep_done": "true", "mlflow.note.content": note + champion_note(best)})
             parent.terminate("FINISHED")
             print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
                   f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
                   f"{best['model_version']} as @champion", flush=True)
+        write_report(name, cl)
         print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
               flush=True)
     except KeyboardInterrupt:
@@ -449,6 +452,38 @@ def main(argv: list[str] | None = None) -> int:
             return 143  # 128 + SIGTERM: `ray job stop`
         raise
     return 1 if failed else 0
+
+
+def sweep_note(name: str, args: argparse.Namespace, dataset: str, ss: Any, argv: list[str]) -> str:
+    """The parent run's description (``mlflow.note.content``, Markdown): command, datasets, search space."""
+    params = ", ".join(f"`{p}`" for p in ss.params) if ss.kind == "optuna" else f"{len(ss.variants)} variants"
+    return (f"**Sweep `{name}`**, dataset **{dataset}** (of {', '.join(args.datasets)}).\n\n"
+            f"- command: `python orchestration/sweep.py {shlex.join(argv)}`\n"
+            f"- preset `{args.preset}`, recipe `{args.recipe}`, search space `{ss.path.name}` ({ss.kind}: {params}), "
+            f"{args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), selection on "
+            f"`{ss.metric}` ({ss.mode})\n"
+            f"- report: `python -m orchestration.report --sweep {name}`\n")
+
+
+def champion_note(best: dict[str, Any]) -> str:
+    """The champion's line of the parent's description."""
+    return (f"- champion: trial `{best['trial_id']}` (run `{best['run_id']}`), val mAP {best['best_val_mAP']:.4f}, "
+            f"test mAP {_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered version "
+            f"{best.get('model_version', '?')}\n")
+
+
+def write_report(name: str, cl: Any) -> None:
+    """The sweep's report (``orchestration.report``), logged to its parent runs; a report that fails never fails
+    the sweep (its runs are all logged: ``python -m orchestration.report --sweep NAME`` makes it again)."""
+    from orchestration.report import build_report
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = build_report(name, tmp, cl)
+            print(f"report logged to the parent runs (report/{Path(paths['markdown']).name}); again with "
+                  f"`python -m orchestration.report --sweep {name} --out DIR`", flush=True)
+    except Exception as e:  # noqa: BLE001 - reporting is a view of logged runs, not part of them
+        log.warning("the sweep report was not written: %s: %s", type(e).__name__, e)
 
 
 def _quiet_logging() -> None:

@@ -523,6 +523,13 @@ class RunLogger:
             self.client.set_terminated(self.run_id, status=status)
         return info
 
+    def describe_model_version(self, name: str, version: int, tags: Mapping[str, Any], description: str) -> None:
+        """Tags and a description on a registered model version (what a reviewer reads in the Models page)."""
+        self.flush()
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, _clean(v))
+        self.client.update_model_version(name, str(version), description=description)
+
     def register_model(self, model_uri: str, name: str, alias: str) -> int:
         """Register a model this run logged as a new version of ``name`` and point ``alias`` at it."""
         import mlflow

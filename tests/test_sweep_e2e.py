@@ -69,6 +69,20 @@ def test_demo_sweep_via_ray_job_submit(ray_cluster, mlflow_server, data_root: Pa
         model_keys = [k for k in keys if "/mlflow/" in k and mv.source.split("/")[-1] in k]
         assert any(k.endswith("MLmodel") for k in model_keys), "registered model's files are not in the bucket"
         assert any(k.endswith("checkpoint/best.pt") or k.endswith("best.pt") for k in model_keys)
+        # what a reviewer reads: the version's tags and description, the parent's note, the report
+        trial = client.get_run(mv.tags["stmi.trained_run"])
+        assert trial.info.run_id == parent.data.params["best.run_id"]
+        assert float(mv.tags["metric.best_val_mAP"]) == trial.data.metrics["best_val_mAP"]
+        assert float(mv.tags["metric.test_mAP"]) == trial.data.metrics["test_mAP"]
+        assert mv.tags["stmi.data.fingerprint.train"] == trial.data.tags["stmi.data.fingerprint.train"]
+        assert mv.tags["stmi.code.source_hash"] == trial.data.tags["stmi.code.source_hash"]
+        assert mv.tags["stmi.sweep"] == "e2e" and mv.tags["stmi.trial"] == parent.data.params["best.trial_id"]
+        assert f"--rerun {trial.info.run_id}" in mv.description
+        note = parent.data.tags["mlflow.note.content"]
+        assert "orchestration/sweep.py" in note and "demo.yaml" in note and parent.data.params["best.trial_id"] in note
+        assert {"report/report.md", "report/report.html"} <= \
+            {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
 
 def _cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
