@@ -24,6 +24,20 @@ import pytest
 from infra.local.stack import REPO_ROOT, Ports, RayHead, SeaweedS3, StackConfig
 from infra.local.stack import MlflowServer as _MlflowService
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The decoded-frame caches of the session's runs (in-process, Ray workers, jobs: they inherit the variable) go
+    to one temporary folder removed at the end, not to the user's ``~/.cache/stmi/frames``."""
+    if "STMI_CACHE_DIR" not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="stmi-test-frames-")
+        os.environ["STMI_CACHE_DIR"] = d
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+
+
 #: CPUs the test Ray head advertises (logical: two DDP workers plus a trial driver fit).
 TEST_RAY_CPUS = 4
 TEST_OBJECT_STORE_BYTES = 300 * 1024**2
