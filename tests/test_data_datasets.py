@@ -269,7 +269,7 @@ def test_check_reports_every_problem_and_exits_1(root: Path, capsys: pytest.Capt
         _jpg(root / f"RGBNT201/test/{m}/person.jpg", (1, 1, 1))
     assert data_main(["check", "--dataset", "rgbnt201", "--root", str(root), "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"train", "query", "gallery", "errors"}
+    assert set(out) == {"train", "query", "gallery", "errors", "fingerprints"}
     assert out["train"] == {"ids": 2, "images": 3, "cameras": 3, "masks": 1, "captions": 1}
     assert out["query"] == out["gallery"] == {"ids": 2, "images": 3, "cameras": 2, "masks": 0, "captions": 0}
     joined = "\n".join(out["errors"])

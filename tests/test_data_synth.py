@@ -27,8 +27,9 @@ from stmi.data.synth import (
 
 CHECK_SCHEMA = {
     "type": "object",
-    "required": ["errors"],
-    "properties": {"errors": {"type": "array", "items": {"type": "string"}}},
+    "required": ["errors", "fingerprints"],
+    "properties": {"errors": {"type": "array", "items": {"type": "string"}},
+                   "fingerprints": {"type": "object", "additionalProperties": {"type": "string", "pattern": "^v1:"}}},
     "patternProperties": {"^(train|query|gallery)$": {
         "type": "object", "additionalProperties": False,
         "required": ["ids", "images", "cameras", "masks", "captions"],
@@ -121,7 +122,9 @@ def test_cli_synth_then_check_json(tmp_path: Path, capsys: pytest.CaptureFixture
     assert data_main(["check", "--dataset", "rgbnt100", "--root", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     jsonschema.validate(out, CHECK_SCHEMA)
-    assert out["errors"] == [] and out["train"]["images"] == 12 and set(out) == {"train", "query", "gallery", "errors"}
+    assert out["errors"] == [] and out["train"]["images"] == 12
+    assert set(out) == {"train", "query", "gallery", "errors", "fingerprints"}
+    assert set(out["fingerprints"]) == {"train", "query", "gallery"}
     assert data_main(["synth", "--dataset", "rgbnt100", "--out", str(tmp_path), "--ids", "1"]) == 2
     assert "--ids" in capsys.readouterr().err
 

@@ -70,6 +70,9 @@ def test_data_fingerprint_changes_on_touch_replace_and_not_on_move(tmp_path: Pat
     assert before["query"].digest == before["gallery"].digest  # RGBNT201 shares its test list
     assert before["train"].files == len({p for t in splits.train for p in (t.rgb, t.nir, t.tir, t.mask)}) + 1
     content = fingerprint_dataset(splits, content=True)
+    from stmi.data.check import check_dataset  # `stmi-data check` prints the digests the runs log
+
+    assert check_dataset("rgbnt201", root).fingerprints == {s: f.digest for s, f in before.items()}
 
     mask = splits.train[0].mask
     st = os.stat(mask)

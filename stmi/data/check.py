@@ -27,14 +27,17 @@ class CheckReport:
     root: str
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Per split, the digest a training run logs as its MLflow dataset input (``stmi.data.fingerprint``)."""
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
     def to_json(self) -> dict[str, Any]:
-        """``{"train": {...}, "query": {...}, "gallery": {...}, "errors": [...]}`` (splits present only)."""
-        return {**self.splits, "errors": list(self.errors)}
+        """``{"train": {...}, "query": {...}, "gallery": {...}, "errors": [...], "fingerprints": {split: digest}}``
+        (splits present only)."""
+        return {**self.splits, "errors": list(self.errors), "fingerprints": dict(self.fingerprints)}
 
     def table(self) -> str:
         """The counts of :meth:`to_json` for a human, with the shares of masks and captions, and the error count.
@@ -48,6 +51,10 @@ class CheckReport:
             masks = f"{st['masks']} ({100 * st['masks'] / n:.1f}%)"
             caps = f"{st['captions']} ({100 * st['captions'] / n:.1f}%)"
             lines.append(f"{s:<8} {st['ids']:>6} {st['images']:>8} {st['cameras']:>8} {masks:>16} {caps:>16}")
+        if self.fingerprints:
+            lines.append("")
+            lines.append("fingerprints (what a run logs as its dataset inputs): " + ", ".join(
+                f"{s} {d}" for s, d in self.fingerprints.items()))
         lines.append("")
         lines.append(f"{len(self.errors)} error(s), listed on stderr" if self.errors else "no errors")
         return "\n".join(lines)
@@ -110,4 +117,10 @@ def check_dataset(dataset: str, root: str | Path, progress: bool = False) -> Che
     for t in tqdm(unique, desc="decoding", unit="triplet", disable=not progress):
         _verify(t, rep)
     report.errors = rep.errors
+    try:
+        from stmi.data.fingerprint import fingerprint_split
+
+        report.fingerprints = {s: fingerprint_split(splits, s).digest for s in report.splits}
+    except OSError as e:  # a file vanished while checking: that is an error of its own
+        report.errors.append(f"cannot fingerprint {root}: {e}; check the dataset is not being modified")
     return report
