@@ -288,7 +288,7 @@ def test_down_mid_run_kills_the_run_resumably_and_up_reaps_dead_drivers(tmp_path
     config = StackConfig.load(state)
     env = {**os.environ, **config.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     client = MlflowClient(config.tracking_uri)
-    epochs, name, experiment = 6, "down-mid-run", "faults-down"
+    epochs, name, experiment = 7, "down-mid-run", "faults-down"
     try:
         submit = subprocess.run([RAY, "job", "submit", "--no-wait", "--", "python", "orchestration/train.py",
                                  *_train_cmd(name, synth_root, epochs, experiment)], env=env, cwd=REPO,
@@ -301,10 +301,16 @@ def test_down_mid_run_kills_the_run_resumably_and_up_reaps_dead_drivers(tmp_path
         assert "stopping job raysubmit_" in down.stdout and "ended: STOPPED" in down.stdout, down.stdout
         assert not LocalStack(config).pids()["ray"]
 
+        up2 = _cli("up", "--state-dir", str(state))
+        assert up2.returncode == 0, up2.stdout + up2.stderr
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", run.info.status
+        resume = run.data.tags[tracking.RESUME_TAG]
+        assert resume.startswith("ray job submit -- python orchestration/train.py") and f"--name {name}" in resume
+        done_before = len(client.get_metric_history(run_id, "epoch"))
+        assert 2 <= done_before < epochs
+
         # A driver SIGKILLed after creating its run: nobody ended it; the next `up` finds it and marks it KILLED.
-        stack = LocalStack(config)
-        stack.s3.start()
-        stack.mlflow.start()
         orphan = subprocess.run([sys.executable, "-c", (
             "import sys; sys.argv = ['orchestration/train.py', '--name', 'orphan']; "
             "from orchestration import tracking as t; c = t.client(); "
@@ -314,21 +320,12 @@ def test_down_mid_run_kills_the_run_resumably_and_up_reaps_dead_drivers(tmp_path
             text=True, timeout=120)
         orphan_id = orphan.stdout.strip()
         assert orphan.returncode == -signal.SIGKILL and client.get_run(orphan_id).info.status == "RUNNING"
-
-        run = client.get_run(run_id)
-        assert run.info.status == "KILLED", run.info.status  # `down` ended it: a person stopped it
-        resume = run.data.tags[tracking.RESUME_TAG]
-        assert resume.startswith("ray job submit -- python orchestration/train.py") and f"--name {name}" in resume
-        done_before = len(client.get_metric_history(run_id, "epoch"))
-        assert 2 <= done_before < epochs
-
-        up2 = _cli("up", "--state-dir", str(state))
-        assert up2.returncode == 0, up2.stdout + up2.stderr
-        assert f"run {orphan_id}" in up2.stdout and "marked KILLED" in up2.stdout, up2.stdout
+        up3 = _cli("up", "--state-dir", str(state))
+        assert up3.returncode == 0, up3.stdout + up3.stderr
+        assert f"run {orphan_id}" in up3.stdout and "marked KILLED" in up3.stdout, up3.stdout
         orphan_run = client.get_run(orphan_id)
         assert orphan_run.info.status == "KILLED"
         assert "--name orphan" in orphan_run.data.tags[tracking.RESUME_TAG]
-        assert client.get_run(run_id).info.status == "KILLED"
 
         # The documented command resumes the run from its last checkpoint and completes it.
         resumed = subprocess.run(shlex.split(resume), env=env, cwd=REPO, capture_output=True, text=True,
