@@ -597,7 +597,8 @@ def _driver_state(run: Any, jobs: list[dict[str, Any]] | None, untagged_dead: bo
 
 def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any]] | None = None,
                     experiment_ids: Iterable[str] | None = None, untagged_dead: bool = False,
-                    stopped_jobs: Iterable[str] = (), log_fn: Callable[[str], None] | None = None) -> list[str]:
+                    stopped_jobs: Iterable[str] = (), stopped_at: float = 0.0,
+                    log_fn: Callable[[str], None] | None = None) -> list[str]:
     """Mark KILLED the platform's runs still RUNNING whose driver is gone; returns their ids.
 
     A run is the platform's when it has a run key. Its driver is gone when its Ray job (tags
@@ -610,8 +611,9 @@ def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any
         experiment_ids: Where to look (default: every active experiment).
         untagged_dead: Treat runs without any driver identity as dead (right after the Ray head was started:
             no driver of the old cluster can be alive).
-        stopped_jobs: Submission ids of jobs just stopped: their runs that their driver already ended KILLED
-            get :data:`RESUME_TAG` too when it lacks it.
+        stopped_jobs: Submission ids of jobs a person just stopped (``down``, at ``stopped_at``, epoch seconds):
+            their runs that ended since are KILLED (MLflow's status for a run a person stopped; a driver that
+            reacts to SIGTERM by failing would say FAILED) and get :data:`RESUME_TAG`.
     """
     from mlflow.entities import RunTag
 
@@ -633,12 +635,24 @@ def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any
             say(f"run {run.info.run_id} ({run.data.tags.get(RUN_KEY_TAG)}) was RUNNING but {why}: marked KILLED; "
                 f"resume with: {cmd}")
             reaped.append(run.info.run_id)
-        for sub in set(stopped_jobs):
-            killed = cl.search_runs(ids[i:i + 100], filter_string=f"attributes.status = 'KILLED' and "
-                                    f"tags.`stmi.ray.submission_id` = '{sub}'", max_results=5000)
-            for run in killed:
-                if RESUME_TAG not in run.data.tags:
-                    cl.set_tag(run.info.run_id, RESUME_TAG, resume_command(run, cl))
+        subs = set(stopped_jobs)
+        if not subs:
+            continue
+        job_ids = {j.get("job_id") for j in jobs or [] if j.get("submission_id") in subs} - {None, ""}
+        ended = cl.search_runs(ids[i:i + 100], filter_string=f"attributes.status != 'RUNNING' and "
+                               f"attributes.status != 'FINISHED' and attributes.end_time >= {int(stopped_at * 1000)}",
+                               max_results=5000)
+        for run in ended:
+            tags = run.data.tags
+            if tags.get("stmi.ray.submission_id") not in subs and tags.get("stmi.ray.job_id") not in job_ids:
+                continue
+            cmd = tags.get(RESUME_TAG) or resume_command(run, cl)
+            cl.log_batch(run.info.run_id, tags=[RunTag(RESUME_TAG, cmd), RunTag(
+                KILLED_REASON_TAG, f"its Ray job was stopped (was {run.info.status})")])
+            if run.info.status != "KILLED":
+                cl.set_terminated(run.info.run_id, status="KILLED", end_time=run.info.end_time)
+            say(f"run {run.info.run_id} ({tags.get(RUN_KEY_TAG)}) of a stopped job: KILLED; resume with: {cmd}")
+            reaped.append(run.info.run_id)
     return reaped
 
 

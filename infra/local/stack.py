@@ -950,7 +950,7 @@ class LocalStack:
         return env_file
 
     def reap(self, log: Callable[[str], None] = print, fresh_ray: bool = False,
-             stopped_jobs: Iterable[str] = ()) -> list[str]:
+             stopped_jobs: Iterable[str] = (), stopped_at: float = 0.0) -> list[str]:
         """Mark KILLED (with the command that resumes them) the runs still RUNNING whose driver is gone.
 
         Args:
@@ -961,7 +961,8 @@ class LocalStack:
             from orchestration.tracking import reap_stale_runs
 
             return reap_stale_runs(self.config.tracking_uri, jobs=self.jobs(), untagged_dead=fresh_ray,
-                                   stopped_jobs=stopped_jobs, log_fn=lambda m: log(f"mlflow  {m}"))
+                                   stopped_jobs=stopped_jobs, stopped_at=stopped_at,
+                                   log_fn=lambda m: log(f"mlflow  {m}"))
         except Exception as e:  # noqa: BLE001 - never block `up`/`down` on the reaper; say what happened
             log(f"mlflow  could not check for runs left RUNNING by dead drivers: {type(e).__name__}: {e}")
             return []
@@ -1022,9 +1023,10 @@ class LocalStack:
         """
         errors = []
         if self.ray.pid() is not None:
+            since = time.time() - 1
             stopped = self.stop_jobs(log)
             if stopped and self.mlflow.pid() is not None:
-                self.reap(log, stopped_jobs=stopped)
+                self.reap(log, stopped_jobs=stopped, stopped_at=since)
         for svc in reversed(self.services):
             try:
                 stopped = svc.stop()
