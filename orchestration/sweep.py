@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(ignore_reinit_error=True)
+    tracking.reap_before_start(settings.tracking_uri, exp_id)  # runs a dead driver left RUNNING end KILLED
     stop = StopHandler(resume, runs_to_stop, defer=True).install()  # after ray.init, which sets its own handler
     max_concurrent = args.max_concurrent or default_max_concurrent(args.workers_per_trial, args.cpus_per_worker,
                                                                    args.gpus_per_worker)

@@ -656,6 +656,17 @@ def reap_stale_runs(tracking_uri: str | None = None, *, jobs: list[dict[str, Any
     return reaped
 
 
+def reap_before_start(tracking_uri: str | None, experiment_id: str) -> list[str]:
+    """What a sweep or training run does first (after ``ray.init``): end KILLED, with the command that resumes them,
+    the runs of its experiment left RUNNING by a driver that died without saying so. Never fails the caller."""
+    try:
+        return reap_stale_runs(tracking_uri, jobs=ray_jobs(), experiment_ids=[experiment_id],
+                               log_fn=lambda m: print(m, flush=True))
+    except Exception as e:  # noqa: BLE001 - housekeeping: a server hiccup here must not stop the run
+        log.warning("stale runs were not checked: %s: %s", type(e).__name__, redact(str(e))[:300])
+        return []
+
+
 def ray_jobs(dashboard_url: str | None = None, token: str | None = None, timeout: float = 10.0) -> list[dict] | None:
     """The Ray cluster's jobs from its job API (``RAY_API_SERVER_ADDRESS``; token from ``RAY_AUTH_TOKEN_PATH``).
 

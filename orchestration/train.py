@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray.train
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    tracking.reap_before_start(settings.tracking_uri, exp_id)  # runs a dead driver left RUNNING end KILLED
     stop = StopHandler(resume, lambda: [RunLogger(run_id, settings.tracking_uri)]).install()  # after ray.init
     status = "FAILED"
     try:
