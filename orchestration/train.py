@@ -398,8 +398,8 @@ def _rerun_config(args: argparse.Namespace, settings: PlatformSettings,
 class StopHandler:
     """``ray job stop`` sends SIGTERM to the job's processes and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``).
 
-    On SIGTERM the MLflow runs ``runs()`` yields end KILLED (not FAILED) with the tag ``stmi.resume`` holding the
-    command that continues them, and ``KeyboardInterrupt`` is raised in the main thread. A single run is ended
+    On SIGTERM the MLflow runs ``runs()`` yields end KILLED (not FAILED) with the tag ``stmi.resume_command`` holding
+    the command that continues them, and ``KeyboardInterrupt`` is raised in the main thread. A single run is ended
     first thing; a sweep (``defer=True``) first lets Tune unwind and save its experiment state, which is what
     ``--resume`` needs, then ends the runs (the parent first: on a loaded machine the 3 s may not cover every
     trial; a resumed sweep ends those itself).
@@ -420,7 +420,7 @@ class StopHandler:
         self._ended = True
         try:
             for run in self.runs():
-                run.set_tags({"stmi.resume": self.resume})
+                run.set_tags({tracking.RESUME_TAG: self.resume})
                 run.terminate("KILLED")
             print(f"stopped: the MLflow run(s) ended KILLED; continue with: {self.resume}", file=sys.stderr,
                   flush=True)

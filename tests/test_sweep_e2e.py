@@ -117,8 +117,9 @@ def test_resume_after_the_sweep_driver_is_killed(ray_cluster, mlflow_server, dat
     stopped = client.search_runs([exp.experiment_id])
     parent = next(r for r in stopped if r.data.tags.get("stmi.role") == "parent")
     assert parent.info.status == "KILLED", parent.info.status
-    assert parent.data.tags["stmi.resume"].startswith("ray job submit -- python orchestration/sweep.py ")
-    assert "--name resume" in parent.data.tags["stmi.resume"] and "--resume" in parent.data.tags["stmi.resume"]
+    assert parent.data.tags["stmi.resume_command"].startswith("ray job submit -- python orchestration/sweep.py ")
+    resume_cmd = parent.data.tags["stmi.resume_command"]
+    assert "--name resume" in resume_cmd and "--resume" in resume_cmd
     # (its trials still RUNNING are ended in the same handler when Ray's 3 s stop window allows; the resumed sweep
     # ends every one of them FINISHED or KILLED, checked below)
 

@@ -189,7 +189,7 @@ def test_ray_job_stop_ends_the_run_killed_with_how_to_resume(ray_cluster, mlflow
     assert stop.returncode == 0, stop.stdout + stop.stderr
     run = _run_for(client, "stmi-train-test", name)
     assert run.info.status == "KILLED", run.info.status
-    resume = run.data.tags["stmi.resume"]
+    resume = run.data.tags["stmi.resume_command"]
     assert resume.startswith("ray job submit -- python orchestration/train.py ") and f"--name {name}" in resume
     logs = _job_cli(ray_cluster, "logs", "train-stop-1")
     assert "ended KILLED; continue with: ray job submit" in logs.stdout, logs.stdout[-2000:]
