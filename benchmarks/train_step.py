@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stmi.config import LossConfig, ModelConfig  # noqa: E402
 from stmi.losses import stmi_loss  # noqa: E402
 from stmi.model.backbone import TextEncoder, VisualEncoder, build_clip  # noqa: E402
-from stmi.model.stmi import STMI  # noqa: E402
+from stmi.model.network import STMI  # noqa: E402
 
 VARIANTS = {
     "baseline": dict(use_sfm=False, use_str=False, fusion="concat"),

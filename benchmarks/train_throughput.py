@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stmi.config import DataConfig, LossConfig, ModelConfig, OptimConfig, STMIConfig  # noqa: E402
 from stmi.engine import build_optimizer, model_inputs  # noqa: E402
 from stmi.losses import stmi_loss  # noqa: E402
-from stmi.model.stmi import STMI, build_model, needs_find_unused_parameters  # noqa: E402
+from stmi.model.network import STMI, build_model, needs_find_unused_parameters  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "stmi": {},

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 DEMO_IDS = 20
-"""Identities of every synthetic demo dataset (the layouts and camera counts come from ``stmi.data.datasets``)."""
+"""Identities of every synthetic demo dataset (the layouts and camera counts come from ``stmi.data.layouts``)."""
 DEMO_IMAGES_PER_ID = 10
 
 

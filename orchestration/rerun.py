@@ -82,8 +82,8 @@ def differences(run: Any, cfg: STMIConfig) -> list[str]:
     """
     from stmi import provenance
     from stmi.data import load_dataset
-    from stmi.data.datasets import DatasetError
     from stmi.data.fingerprint import fingerprint_dataset
+    from stmi.data.layouts import DatasetError
 
     tags = run.data.tags
     out: list[str] = []

@@ -224,7 +224,7 @@ def no_retry_on_data_error() -> Any:
     """
     from ray.train.v2.api.callback import UserCallback
 
-    from stmi.data.datasets import DatasetError
+    from stmi.data.layouts import DatasetError
 
     class NoRetryOnDataError(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
@@ -238,7 +238,7 @@ def no_retry_on_data_error() -> Any:
 def failure_message(error: BaseException) -> str:
     """One line for a failed run: a ``DatasetError``'s message (it names the file and the fix) when one caused it,
     else the first line of the innermost cause (Ray wraps errors in controller / task errors)."""
-    from stmi.data.datasets import DatasetError
+    from stmi.data.layouts import DatasetError
 
     chain: list[BaseException] = []
     e: BaseException | None = error
@@ -272,7 +272,7 @@ def check_data_root(dataset: str, root: str) -> None:
     if not Path(root).is_dir():  # the common typo, answered without importing the data package (torch)
         raise SettingsError(f"--data-root {root} does not exist or is not a folder; pass the folder that contains "
                             f"the dataset folder (e.g. /data for /data/RGBNT201)")
-    from stmi.data.datasets import DatasetError, dataset_dir
+    from stmi.data.layouts import DatasetError, dataset_dir
 
     try:
         dataset_dir(dataset, root)

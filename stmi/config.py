@@ -26,10 +26,10 @@ FIELDS_DOC = "docs/config.md"
 
 
 def __getattr__(name: str) -> Any:
-    # ``DATASETS`` is the dataset registry's name tuple (``stmi.data.datasets.LAYOUTS``), looked up on first use:
+    # ``DATASETS`` is the dataset registry's name tuple (``stmi.data.layouts.LAYOUTS``), looked up on first use:
     # importing the data package here at import time would be circular (its loaders import this module).
     if name == "DATASETS":
-        from stmi.data.datasets import DATASETS
+        from stmi.data.layouts import DATASETS
 
         return DATASETS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -450,7 +450,7 @@ def find_unused_parameters(cfg: STMIConfig) -> bool:
     gradient, so this is False (``tests/test_ddp_params.py`` checks every ablation); the flag would cost a graph
     traversal per step.
     """
-    from stmi.model.stmi import needs_find_unused_parameters
+    from stmi.model.network import needs_find_unused_parameters
 
     return needs_find_unused_parameters(cfg.model)
 

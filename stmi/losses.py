@@ -16,7 +16,7 @@ from torch import nn
 from stmi.config import LossConfig
 
 if TYPE_CHECKING:
-    from stmi.model.stmi import STMIOutput
+    from stmi.model.network import STMIOutput
 
 
 class CrossEntropyLabelSmooth(nn.Module):

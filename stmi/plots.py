@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from stmi.data.datasets import Triplet
+    from stmi.data.layouts import Triplet
 
 MODALITIES = ("RGB", "NIR", "TIR")
 
@@ -64,8 +64,8 @@ def _frames(t: Triplet, size: tuple[int, int]) -> list[np.ndarray]:
     """RGB/NIR/TIR frames of a triplet resized to ``size`` (H, W), as uint8 arrays; grey on an unreadable file."""
     from PIL import Image
 
-    from stmi.data.dataset import load_frames
-    from stmi.data.datasets import DatasetError
+    from stmi.data.layouts import DatasetError
+    from stmi.data.triplet_dataset import load_frames
 
     try:
         frames = load_frames(t)
@@ -106,8 +106,8 @@ def plot_retrieval(query_records: Sequence[Triplet], gallery_records: Sequence[T
     if n == 0:
         raise ValueError("plot_retrieval: no query to draw (top10 is empty)")
     if image_size is None:
-        from stmi.data.dataset import load_frames
-        from stmi.data.datasets import DatasetError
+        from stmi.data.layouts import DatasetError
+        from stmi.data.triplet_dataset import load_frames
 
         try:
             w, h = load_frames(query_records[int(qidx[0])])[0].size

@@ -3,7 +3,7 @@
 One function per recipe, not copied YAML files: recipes are code so they cannot drift apart. A recipe is the
 starting point; command-line overrides and search spaces are applied on top with :func:`stmi.config.apply_overrides`.
 Per-dataset values (input size, the anchors' batch, camera count) come from the dataset registry
-(``stmi.data.datasets.LAYOUTS``), not from tables of their own here.
+(``stmi.data.layouts.LAYOUTS``), not from tables of their own here.
 
 ``paper``: the STMI paper / anchor settings (docs/design.md "Training recipe").
     ViT-B-16 with OpenAI weights, inputs 256x128 (RGBNT201, persons) or 128x256 (RGBNT100, MSVR310, vehicles);
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stmi.config import STMIConfig, apply_overrides
-from stmi.data.datasets import DATASETS, LAYOUTS, Layout
+from stmi.data.layouts import DATASETS, LAYOUTS, Layout
 
 PAPER_EPOCHS = 50
 """Epochs of the paper recipe, the same for every dataset (see the module docstring)."""

@@ -29,9 +29,9 @@ from stmi.data.batch_transforms import (
     prepare_batch,
 )
 from stmi.data.cached_dataset import CachedTripletDataset
-from stmi.data.dataset import load_frames, load_mask
 from stmi.data.synth import make_synthetic
 from stmi.data.transforms import PairedTransform, erase_box, resize_stack
+from stmi.data.triplet_dataset import load_frames, load_mask
 
 SIZE = (32, 16)
 
@@ -441,7 +441,7 @@ def test_training_on_the_cached_path_learns_as_the_decode_path(tmp_path: Path) -
     """Demo recipe, synthetic RGBNT201, 2 epochs on each path: both learn, the cached one at least half as much."""
     from stmi.engine import build_optimizer, build_scheduler, seed_everything, train_one_epoch
     from stmi.eval import evaluate
-    from stmi.model.stmi import build_model
+    from stmi.model.network import build_model
     from stmi.recipes import recipe
 
     root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0)

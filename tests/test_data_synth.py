@@ -64,7 +64,7 @@ def test_synth_round_trip_through_check(tmp_path: Path, dataset: str, difficulty
 
 
 def _frames(t) -> list[np.ndarray]:  # noqa: ANN001
-    from stmi.data.dataset import load_frames
+    from stmi.data.triplet_dataset import load_frames
 
     return [np.asarray(f.convert("L"), dtype=np.float32) for f in load_frames(t)]
 

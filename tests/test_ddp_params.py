@@ -9,7 +9,7 @@ import torch
 
 from stmi.config import LossConfig
 from stmi.losses import stmi_loss
-from stmi.model.stmi import build_model, needs_find_unused_parameters
+from stmi.model.network import build_model, needs_find_unused_parameters
 from tests.test_model import make_batch, tiny_cfg
 
 CONFIGS = {

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stmi.distributed_eval import extract_features_sharded, shard_range
 from stmi.eval import extract_features
-from stmi.model.stmi import build_model
+from stmi.model.network import build_model
 from tests.test_model import H, W, tiny_cfg
 
 N = 11  # uneven: shards of 5 and 6

@@ -69,7 +69,7 @@ def test_scheduler_without_warmup_starts_at_lr():
 
 @pytest.fixture(scope="module")
 def tiny_model() -> nn.Module:
-    from stmi.model.stmi import build_model
+    from stmi.model.network import build_model
 
     torch.manual_seed(0)
     return build_model(ModelConfig(clip_model="stmi-tiny", image_size=(64, 32), num_classes=5, num_cameras=3,
@@ -213,7 +213,7 @@ def test_demo_recipe_learns_on_synthetic_rgbnt201(tmp_path):
     from stmi.data.loaders import build_loaders
     from stmi.data.synth import make_synthetic
     from stmi.eval import evaluate
-    from stmi.model.stmi import build_model
+    from stmi.model.network import build_model
 
     root = make_synthetic("rgbnt201", tmp_path / "data", ids=20, images_per_id=8, seed=0, difficulty="easy")
     cfg = apply_overrides(recipe("demo", "rgbnt201"), {"data.root": str(root), "optim.epochs": 2})
@@ -245,7 +245,7 @@ def test_demo_recipe_learns_on_synthetic_rgbnt201(tmp_path):
 
 @pytest.mark.parametrize("use_text", [True, False])
 def test_tokenizer_gives_the_models_ids(use_text):
-    from stmi.model.stmi import build_model
+    from stmi.model.network import build_model
 
     cfg = ModelConfig(clip_model="stmi-tiny", image_size=(64, 32), num_classes=3, use_text=use_text)
     captions = ["a man in a red coat with a backpack", "", "x " * 200]

@@ -181,7 +181,7 @@ def test_memory_is_bounded_by_the_chunk():
 
 
 def _records(tmp_path, dataset):
-    from stmi.data.datasets import read_split
+    from stmi.data.layouts import read_split
     from stmi.data.synth import make_synthetic
 
     root = make_synthetic(dataset, tmp_path / dataset, ids=6, images_per_id=3, seed=0)

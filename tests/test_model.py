@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from stmi.config import LossConfig, ModelConfig
 from stmi.losses import stmi_loss
-from stmi.model.stmi import STMI, STMIOutput, build_model
+from stmi.model.network import STMI, STMIOutput, build_model
 
 H, W = 64, 32
 NUM_CLASSES = 4

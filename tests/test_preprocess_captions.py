@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from stmi.data.datasets import dataset_dir, read_split
+from stmi.data.layouts import dataset_dir, read_split
 from stmi.data.synth import make_synthetic
 from stmi.preprocess.__main__ import main
 from stmi.preprocess.attributes import (

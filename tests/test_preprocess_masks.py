@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from stmi.data.datasets import dataset_dir, read_split, truth_mask_path
+from stmi.data.layouts import dataset_dir, read_split, truth_mask_path
 from stmi.data.synth import make_synthetic
 from stmi.preprocess.__main__ import main
 from stmi.preprocess.masks import run_masks, unique_triplets

@@ -190,7 +190,7 @@ def _free_port() -> int:
 def _build_tiny_checkpoint(path: Path) -> Any:
     """A tiny STMI with non-default BN statistics (so a server that failed to load weights would differ)."""
     from stmi.engine import export_model
-    from stmi.model.stmi import build_model
+    from stmi.model.network import build_model
 
     cfg = STMIConfig(model=ModelConfig(clip_model="stmi-tiny", image_size=IMAGE_SIZE, num_classes=4,
                                        num_cameras=NUM_CAMERAS))

@@ -86,8 +86,8 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
 def write_request(config: StackConfig, dataset: str) -> Path:
     """A one-row request from the first query triplet of the demo dataset (real files, base64)."""
     from orchestration.demo_data import demo_root
-    from stmi.data.dataset import load_frames
-    from stmi.data.datasets import read_split
+    from stmi.data.layouts import read_split
+    from stmi.data.triplet_dataset import load_frames
 
     records = read_split(dataset, demo_root() / dataset, "query")
     t = records[0]

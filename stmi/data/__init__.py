@@ -6,8 +6,8 @@ synth|check|cache`` makes a synthetic dataset, validates a real one or prebuilds
 
 from stmi.data.batch_transforms import prepare_batch
 from stmi.data.cached_dataset import CachedTripletDataset
-from stmi.data.dataset import TripletDataset
-from stmi.data.datasets import (
+from stmi.data.frame_cache import CacheError, ensure_cache
+from stmi.data.layouts import (
     DatasetError,
     DatasetSplits,
     Triplet,
@@ -19,10 +19,10 @@ from stmi.data.datasets import (
     read_split,
     truth_mask_path,
 )
-from stmi.data.frame_cache import CacheError, ensure_cache
 from stmi.data.loaders import Loaders, build_loaders, split_validation
 from stmi.data.sampler import RandomIdentitySampler
 from stmi.data.transforms import CLIP_MEAN, CLIP_STD, PairedTransform
+from stmi.data.triplet_dataset import TripletDataset
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "CacheError", "CachedTripletDataset", "DatasetError", "DatasetSplits", "Loaders",

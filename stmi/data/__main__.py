@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from stmi.data.datasets import DATASETS, DatasetError
+from stmi.data.layouts import DATASETS, DatasetError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,8 +92,8 @@ def _add_cache_parser(sub: argparse._SubParsersAction, names: list[str]) -> None
 def _cache_main(args: argparse.Namespace) -> int:
     import shutil
 
-    from stmi.data.datasets import load_dataset
     from stmi.data.frame_cache import CacheError, ensure_cache, resolve_cache_dir, validate
+    from stmi.data.layouts import load_dataset
     from stmi.recipes import PAPER_IMAGE_SIZE
 
     if args.image_size is None:

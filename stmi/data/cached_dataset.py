@@ -34,8 +34,8 @@ from stmi.data.batch_transforms import (
     normalize_frames,
     prepare_batch,
 )
-from stmi.data.datasets import Triplet
 from stmi.data.frame_cache import FrameCache
+from stmi.data.layouts import Triplet
 
 Tokenizer = Any
 POOL_BATCHES = 6

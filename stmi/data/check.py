@@ -13,8 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from stmi.data.dataset import load_mask, open_image
-from stmi.data.datasets import SPLITS, DatasetError, Reporter, Triplet, read_all
+from stmi.data.layouts import SPLITS, DatasetError, Reporter, Triplet, read_all
+from stmi.data.triplet_dataset import load_mask, open_image
 
 STAT_KEYS = ("ids", "images", "cameras", "masks", "captions")
 

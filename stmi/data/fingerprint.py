@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stmi.data.datasets import SPLITS, DatasetSplits, Triplet
+from stmi.data.layouts import SPLITS, DatasetSplits, Triplet
 
 FINGERPRINT_VERSION = "v1"
 

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from stmi.data.batch_transforms import CHANNELS
-from stmi.data.datasets import DatasetError, Triplet
+from stmi.data.layouts import DatasetError, Triplet
 
 log = logging.getLogger("stmi.data")
 
@@ -225,8 +225,8 @@ def _writable_dir(d: Path) -> None:
 
 def _decode(t: Triplet, size: tuple[int, int]) -> np.ndarray:
     """``(10, H, W)`` uint8 of one triplet (the exact resize of ``PairedTransform``)."""
-    from stmi.data.dataset import load_frames, load_mask
     from stmi.data.transforms import resize_stack
+    from stmi.data.triplet_dataset import load_frames, load_mask
 
     frames = load_frames(t)
     mask = load_mask(t, frames[0].size)

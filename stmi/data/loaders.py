@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 
 from stmi.config import STMIConfig
 from stmi.data.cached_dataset import CachedTripletDataset, collate_batch
-from stmi.data.dataset import Tokenizer, TripletDataset
-from stmi.data.datasets import DatasetError, Triplet, load_dataset
+from stmi.data.layouts import DatasetError, Triplet, load_dataset
 from stmi.data.sampler import RandomIdentitySampler
+from stmi.data.triplet_dataset import Tokenizer, TripletDataset
 
 log = logging.getLogger("stmi.data")
 

@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from stmi.data.datasets import Layout, get_layout, mask_path, truth_mask_path
+from stmi.data.layouts import Layout, get_layout, mask_path, truth_mask_path
 
 DIFFICULTIES = ("hard", "easy")
 

@@ -4,7 +4,7 @@ Importing it registers the tiny open_clip config ``stmi-tiny``.
 """
 
 from stmi.model import backbone  # noqa: F401 - registers "stmi-tiny" with open_clip on import
+from stmi.model.network import STMI, STMIOutput, build_model
 from stmi.model.sfm import sfm_attention
-from stmi.model.stmi import STMI, STMIOutput, build_model
 
 __all__ = ["STMI", "STMIOutput", "build_model", "sfm_attention"]

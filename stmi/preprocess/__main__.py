@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from stmi.data.datasets import DatasetError
+    from stmi.data.layouts import DatasetError
     from stmi.preprocess.chat_client import FatalChatError
     from stmi.preprocess.sam2_predictor import Sam2Unavailable
 

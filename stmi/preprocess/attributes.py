@@ -100,7 +100,7 @@ def load_schema(kind: str) -> Schema:
 
 def schema_for_dataset(dataset: str) -> Schema:
     """The schema of the dataset's object kind (``Layout.kind``: persons for RGBNT201, vehicles for the others)."""
-    from stmi.data.datasets import get_layout
+    from stmi.data.layouts import get_layout
 
     return load_schema(get_layout(dataset).kind + "s")
 

@@ -38,8 +38,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from stmi.data.dataset import load_frames
-from stmi.data.datasets import Triplet, load_dataset
+from stmi.data.layouts import Triplet, load_dataset
+from stmi.data.triplet_dataset import load_frames
 from stmi.preprocess.attributes import (
     SOURCES,
     Schema,

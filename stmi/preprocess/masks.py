@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stmi.data.dataset import load_frames
-from stmi.data.datasets import Triplet, load_dataset, mask_path
+from stmi.data.layouts import Triplet, load_dataset, mask_path
+from stmi.data.triplet_dataset import load_frames
 from stmi.preprocess.sam2_predictor import Sam2Segmenter, check_sam2, mask_box
 from stmi.preprocess.thermal import ThermalParams, thermal_mask
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from stmi.data.datasets import DatasetError, Triplet
+from stmi.data.layouts import DatasetError, Triplet
 from stmi.data.transforms import PairedTransform
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -76,7 +76,7 @@ class TripletDataset(Dataset):
     """Triplets read from disk and transformed (paired geometry, per-modality erasing).
 
     Args:
-        records: the triplets (``stmi.data.datasets.read_split`` or a loader's record list).
+        records: the triplets (``stmi.data.layouts.read_split`` or a loader's record list).
         image_size: output (H, W) (``cfg.model.image_size``).
         train: training augmentation (flip, pad + crop, erasing); False = resize + normalise.
         tokenizer: ``list[str] -> LongTensor (n, context_length)``, e.g. ``STMI.tokenize``; None omits ``text``.
