@@ -109,7 +109,11 @@ class PlatformSettings:
         # No keys passed: pyarrow resolves them from AWS_* / AWS_SHARED_CREDENTIALS_FILE (or the node's role) in
         # each process. Ray pickles this object into its experiment state on S3; explicit keys would travel (and be
         # stored) with it.
-        kwargs: dict[str, Any] = {"region": self.region}
+        # background_writes=False: an upload runs in the thread that writes it. With background writes, the upload
+        # of a file closed inside the retrying handler waits for a thread of pyarrow's IO pool, and copy_files (Tune's
+        # experiment-state sync) can fill that pool with handler calls waiting on the same upload: a deadlock,
+        # observed as a sweep that never returns after its last trial.
+        kwargs: dict[str, Any] = {"region": self.region, "background_writes": False}
         if self.s3_endpoint:
             scheme, _, host = self.s3_endpoint.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
@@ -284,7 +288,7 @@ class RetryingFileSystemHandler(_HandlerBase):
             with self.inner.open_output_stream(path, metadata=metadata) as f:
                 f.write(data)
 
-        with self._lock:  # pyarrow's concurrent S3 uploads can hang (apache/arrow#32372)
+        with self._lock:  # one upload at a time (each in its caller's thread: background_writes=False above)
             self._retry(f"write {path} ({len(data)} bytes)", put)
 
 

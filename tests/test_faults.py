@@ -146,6 +146,28 @@ def test_storage_filesystem_waits_for_s3_through_an_outage(tmp_path: Path, monke
         with pytest.raises(FileNotFoundError):
             fs.open_input_file("stmi/faults/no-such-object")
         assert time.monotonic() - t0 < 20
+
+        # Many files at once on pyarrow's threads (Tune's experiment-state sync does this after every trial): with
+        # background writes the uploads waited for the IO pool their own callers filled, and the copy never ended.
+        many = tmp_path / "many"
+        many.mkdir()
+        for i in range(40):
+            (many / f"f{i:02d}.json").write_text(json.dumps({"i": i}) * 50)
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def copy() -> None:
+            try:
+                pyarrow.fs.copy_files(str(many), "stmi/faults/many", destination_filesystem=fs, use_threads=True)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            done.set()
+
+        threading.Thread(target=copy, daemon=True).start()
+        assert done.wait(120), "copy_files of 40 files through the retrying filesystem hung"
+        assert not errors, errors
+        got = fs.get_file_info(pyarrow.fs.FileSelector("stmi/faults/many"))
+        assert len([i for i in got if i.type == pyarrow.fs.FileType.File]) == 40
     finally:
         s3.stop()
 
