@@ -407,15 +407,19 @@ def build_report(sweep: str, out_dir: str | Path, client: Any = None, log_to_par
     paths["json"] = out / "report.json"
     paths["json"].write_text(json.dumps({"sweep": name, "experiment_id": exp.experiment_id, "tables": tables,
                                          "not_averaged": excluded}, indent=1), encoding="utf-8")
-    if log_to_parents:
+    if log_to_parents:  # through RunLogger, like every MLflow side effect of the platform
+        from orchestration.tracking import RunLogger
+
         for pid, dataset in datasets.items():
+            logger = RunLogger(pid, client._tracking_client.tracking_uri)
             for p in paths.values():
-                client.log_artifact(pid, str(p), "report")
+                logger.log_artifact(p, "report")
             for key, t in tables.items():
                 if key.split("/")[0] != dataset:
                     continue
                 cols = {h: [row[i] if i < len(row) else "" for row in t["rows"]] for i, h in enumerate(t["header"])}
-                client.log_table(pid, cols, f"report/{key.split('/')[1]}.json")
+                logger.log_table(cols, f"report/{key.split('/')[1]}.json")
+            logger.close()
     return paths
 
 
