@@ -46,8 +46,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"recipe": "demo", "search_space": "demo", "num_samples": 2, "max_epochs": 3, "workers_per_trial": 1,
              "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 1},
     "paper": {"recipe": "paper", "search_space": "paper", "num_samples": 24, "max_epochs": None,
-              "workers_per_trial": 1, "cpus_per_worker": 4.0, "gpus_per_worker": 1.0, "grace_period": 10},
+              "workers_per_trial": 1, "cpus_per_worker": "node", "gpus_per_worker": 1.0, "grace_period": 10},
 }
+"""``cpus_per_worker: "node"``: CPUs per training worker and ``data.num_workers`` from the cluster's GPU nodes
+(:func:`node_loader_plan`) unless ``--cpus-per-worker`` / ``--set data.num_workers=...`` say otherwise."""
+MAX_LOADER_WORKERS = 8
 TRIAL_DRIVER_CPUS = 0.1
 HPARAMS = ("model.alpha_init", "model.beta_init", "model.p", "model.tau", "model.K", "optim.lr")
 
@@ -183,6 +186,23 @@ def _recipe_point(spec: SweepSpec, ss: Any) -> dict[str, Any]:
             v = min(max(v, p.low), p.high)
         point[name] = v
     return point
+
+
+def node_loader_plan(nodes: list[dict[str, float]], gpus_per_worker: float) -> tuple[float, int]:
+    """``(CPUs per training worker, loader workers)`` that use a GPU node's CPUs: each training worker gets its
+    share of the node's CPUs (the node's CPUs over the workers its GPUs hold, less the trial driver's share), one
+    CPU for the training process and the rest, up to :data:`MAX_LOADER_WORKERS`, for its loader workers. The
+    smallest GPU node decides (a trial may land on any). Without GPU nodes (or workers): 2 loader workers.
+
+    Args:
+        nodes: the alive nodes' resources (``[n["Resources"] for n in ray.nodes() if n["Alive"]]``).
+    """
+    shares = [r.get("CPU", 0.0) / (r["GPU"] / gpus_per_worker) for r in nodes
+              if gpus_per_worker and r.get("GPU", 0.0) >= gpus_per_worker]
+    if not shares:
+        return 3.0, 2
+    loader = int(max(0, min(MAX_LOADER_WORKERS, math.floor(min(shares) - TRIAL_DRIVER_CPUS) - 1)))
+    return float(loader + 1), loader
 
 
 def default_max_concurrent(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
@@ -327,7 +347,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA does not stop")
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
-    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per training worker (default: the preset's; paper: "
+                   "from the GPU nodes' CPUs, with data.num_workers to match)")
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--max-concurrent", type=int, help="concurrent trials (default: what the cluster holds)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
@@ -394,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(ignore_reinit_error=True)
     tracking.reap_before_start(settings.tracking_uri, exp_id)  # runs a dead driver left RUNNING end KILLED
+    if args.cpus_per_worker == "node":  # the paper preset: size the loaders by the GPU nodes' CPUs
+        args.cpus_per_worker, loader = node_loader_plan([n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                                                        args.gpus_per_worker)
+        overrides.setdefault("data.num_workers", loader)
+        print(f"{args.cpus_per_worker:g} CPU(s) per training worker, {overrides['data.num_workers']} loader "
+              f"worker(s) (from the cluster's nodes)", flush=True)
     stop = StopHandler(resume, runs_to_stop, defer=True).install()  # after ray.init, which sets its own handler
     max_concurrent = args.max_concurrent or default_max_concurrent(args.workers_per_trial, args.cpus_per_worker,
                                                                    args.gpus_per_worker)

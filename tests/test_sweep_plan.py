@@ -1,0 +1,21 @@
+"""The paper preset sizes CPUs per worker and loader workers from the cluster's GPU nodes."""
+
+from __future__ import annotations
+
+from orchestration.sweep import MAX_LOADER_WORKERS, PRESETS, node_loader_plan
+
+
+def test_loader_plan_from_the_smallest_gpu_node() -> None:
+    # 8 GPUs and 96 CPUs: 12 CPUs per one-GPU worker -> 1 for training, 10 would be loaders, capped at 8
+    assert node_loader_plan([{"CPU": 96.0, "GPU": 8.0}], 1.0) == (MAX_LOADER_WORKERS + 1.0, MAX_LOADER_WORKERS)
+    # a 4-GPU node with 16 CPUs: 4 per worker, less the trial driver's share -> 3 -> 2 loader workers
+    assert node_loader_plan([{"CPU": 16.0, "GPU": 4.0}], 1.0) == (3.0, 2)
+    # the smallest GPU node decides; CPU-only nodes (the head) do not count
+    assert node_loader_plan([{"CPU": 64.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 2.0}], 1.0) == (3.0, 2)
+    # two GPUs per worker get two GPUs' worth of CPUs
+    assert node_loader_plan([{"CPU": 16.0, "GPU": 4.0}], 2.0) == (7.0, 6)
+    # a node too small for any loader worker: training on the main process only
+    assert node_loader_plan([{"CPU": 1.0, "GPU": 1.0}], 1.0) == (1.0, 0)
+    # no GPU node (or no GPU per worker): the old fixed plan
+    assert node_loader_plan([{"CPU": 32.0}], 1.0) == (3.0, 2) == node_loader_plan([{"CPU": 8.0, "GPU": 1.0}], 0.0)
+    assert PRESETS["paper"]["cpus_per_worker"] == "node"
