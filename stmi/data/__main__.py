@@ -94,10 +94,10 @@ def _cache_main(args: argparse.Namespace) -> int:
 
     from stmi.data.frame_cache import CacheError, ensure_cache, resolve_cache_dir, validate
     from stmi.data.layouts import load_dataset
-    from stmi.recipes import PAPER_IMAGE_SIZE
+    from stmi.recipes import recipe
 
-    if args.image_size is None:
-        args.image_size = "x".join(map(str, PAPER_IMAGE_SIZE[args.dataset]))
+    if args.image_size is None:  # the paper recipe's input size for the dataset
+        args.image_size = "x".join(map(str, recipe("paper", args.dataset).model.image_size))
     try:
         size = tuple(int(v) for v in args.image_size.lower().replace(",", "x").split("x"))
         if len(size) != 2 or min(size) < 1:
