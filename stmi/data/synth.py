@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -156,9 +157,9 @@ def _scene(hw: tuple[int, int], cam: int, seed: int, margin: int) -> np.ndarray:
     return np.asarray(im)
 
 
-def _person_parts(box: tuple[float, float, float, float], mark: int, flip: bool, spread: float,
-                  hw: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Boolean masks of the parts of a person in ``box`` (x0, y0, width, height)."""
+def _canvas(box: tuple[float, float, float, float], flip: bool, hw: tuple[int, int]) -> tuple[Any, ...]:
+    """Drawing helpers in box coordinates (u across, v down, 0..1; ``flip`` mirrors u) for the part masks:
+    ``px(u)``, ``py(v)``, ``draw(fn) -> bool mask``, ``poly(points)`` and ``rect(u0, v0, u1, v1)`` painters."""
     h, w = hw
     x0, y0, bw, bh = box
 
@@ -180,6 +181,14 @@ def _person_parts(box: tuple[float, float, float, float], mark: int, flip: bool,
         xs = sorted((px(u0), px(u1)))
         return lambda d: d.rectangle((xs[0], py(v0), xs[1], py(v1)), fill=255)
 
+    return px, py, draw, poly, rect
+
+
+def _person_parts(box: tuple[float, float, float, float], mark: int, flip: bool, spread: float,
+                  hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Boolean masks of the parts of a person in ``box`` (x0, y0, width, height)."""
+    px, py, draw, poly, rect = _canvas(box, flip, hw)
+    bw = box[2]
     parts = {
         "head": draw(lambda d: d.ellipse((px(0.5) - 0.17 * bw, py(0.0), px(0.5) + 0.17 * bw, py(0.16)), fill=255)),
         "upper": draw(poly([(0.08, 0.17), (0.92, 0.17), (0.84, 0.56), (0.16, 0.56)])),
@@ -199,23 +208,8 @@ def _person_parts(box: tuple[float, float, float, float], mark: int, flip: bool,
 def _vehicle_parts(box: tuple[float, float, float, float], mark: int, flip: bool, spread: float,
                    hw: tuple[int, int]) -> dict[str, np.ndarray]:
     """Boolean masks of the parts of a vehicle (side view) in ``box``; ``spread`` shifts the cabin."""
-    h, w = hw
-    x0, y0, bw, bh = box
-
-    def px(u: float) -> float:
-        return x0 + (1 - u if flip else u) * bw
-
-    def py(v: float) -> float:
-        return y0 + v * bh
-
-    def draw(fn) -> np.ndarray:  # noqa: ANN001
-        m = Image.new("L", (w, h), 0)
-        fn(ImageDraw.Draw(m))
-        return np.asarray(m) > 0
-
-    def poly(pts: list[tuple[float, float]]):  # noqa: ANN202
-        return lambda d: d.polygon([(px(u), py(v)) for u, v in pts], fill=255)
-
+    px, py, draw, poly, rect = _canvas(box, flip, hw)
+    bw = box[2]
     s = 2 * spread
     parts = {
         "upper": draw(poly([(0.25 + s, 0.12), (0.7 + s, 0.12), (0.85, 0.45), (0.12, 0.45)])),
