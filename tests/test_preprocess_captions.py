@@ -185,7 +185,7 @@ def test_fusion_retries_failures_and_key_safety(tmp_path: Path, monkeypatch: pyt
         return ("ok", replies.get((item, source), DEFAULT))
 
     monkeypatch.setenv(KEY_ENV, SECRET)
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="stmi")  # an in-process train/sweep main() leaves "stmi" at INFO
     with serve(payloads, script) as srv:
         rc = main(["captions", "--dataset", "rgbnt201", "--root", str(root), "--endpoint", srv.url,
                    "--model", "test-vlm", "--api-key-env", KEY_ENV, "--concurrency", "3", "--timeout", "0.5",
