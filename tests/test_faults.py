@@ -7,6 +7,7 @@ on tiny synthetic data so that the outages, not the training, take the time.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shlex
@@ -459,7 +460,7 @@ def _answers_http_without_token(host: str, port: int) -> bool:
     for path in ("/", "/api/version", "/api/jobs/", "/metrics"):
         try:
             code, _ = _get(f"http://{host}:{port}{path}")
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # refused, or not HTTP at all (gRPC)
             return False
         if 200 <= code < 300:
             return True
