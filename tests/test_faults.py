@@ -356,7 +356,9 @@ def test_down_mid_run_kills_the_run_resumably_and_up_reaps_dead_drivers(tmp_path
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert int(run.data.tags["stmi.resumed_from_epoch"]) >= done_before - 1
+        # From the last checkpoint Ray had registered: the epoch reported just before the stop may not be yet, and is
+        # then trained again (and logged once: _assert_complete).
+        assert int(run.data.tags["stmi.resumed_from_epoch"]) >= done_before - 2
         _assert_complete(client, run_id, epochs)
     finally:
         _cli("down", "--state-dir", str(state))
