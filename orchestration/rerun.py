@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def resolve_run(cl: Any, ref: str) -> Any:
 
 def run_config(run: Any, tracking_uri: str | None) -> STMIConfig:
     """The resolved config the run trained with (its ``config.json`` artifact)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # errors stay one line on stderr
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = RunLogger(run.info.run_id, tracking_uri).download_artifact("config.json", tmp)
