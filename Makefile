@@ -28,7 +28,7 @@ test: $(STAMP)  ## set up, then run the whole test suite (CI runs exactly this)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only: no S3, MLflow or Ray server is started (markers integration, e2e skipped)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)  ## set up, start the local stack, run the demo sweep through `ray job submit`, print a report
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m infra.local demo

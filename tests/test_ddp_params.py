@@ -36,6 +36,8 @@ BATCHES = {
     "no camera id": dict(camid=None),
 }
 
+pytestmark = pytest.mark.slow  # minutes on 2 CPUs: kept out of `make test-fast`
+
 
 def _params_without_grad(overrides: dict, batch_kw: dict) -> list[str]:
     torch.manual_seed(0)

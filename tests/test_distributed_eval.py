@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,6 +19,8 @@ from stmi.model.network import build_model
 from tests.test_model import H, W, tiny_cfg
 
 N = 11  # uneven: shards of 5 and 6
+
+pytestmark = pytest.mark.slow  # minutes on 2 CPUs: kept out of `make test-fast`
 
 
 class _Records(Dataset):

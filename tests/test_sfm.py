@@ -280,6 +280,7 @@ def test_flex_formulation_forward_and_gradients_match_naive(kind: str, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda s, n=name: f"grad {n}: {s}")
 
 
+@pytest.mark.slow  # torch.compile of the flex kernel: about a minute
 def test_compiled_flex_kernel_matches_equations_and_saves_no_attention_matrix() -> None:
     """The compiled flex kernel (CPU: flex forward, explicit backward recomputing the probabilities) in fp32 against
     eq. 3-8 in fp64. One compilation (about a minute on a CPU), so one shape only."""

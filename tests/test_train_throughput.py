@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # minutes on 2 CPUs: kept out of `make test-fast`
+
 
 def _bench():  # noqa: ANN202 - the benchmark module
     spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
