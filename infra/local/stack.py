@@ -16,8 +16,12 @@ The state lives under one directory::
     <state_dir>/s3/ mlflow/       SeaweedFS data (with its security.toml), the MLflow SQLite database
 
 Security: every directory is private to the user (0700, files 0600: the servers run with umask 077). Ray's
-token authentication is on (``RAY_AUTH_MODE=token``): Ray listens on more than loopback whatever
-``--node-ip-address`` says, so every Ray request needs the token. The S3 keys reach servers, jobs and Train
+token authentication is on (``RAY_AUTH_MODE=token``), so every Ray request needs the token. Ray binds loopback
+only with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment of the head and of every client: otherwise
+it turns ``--node-ip-address 127.0.0.1`` into the machine's IP (``services.resolve_ip_for_localhost``) and its
+GCS, raylet, agents and the dashboard's and autoscaler's Prometheus exporters (fixed ports 44227, 44217, which
+answer without the token) listen on that IP or on 0.0.0.0. The single-node stack never needs another machine
+to reach it, so it sets the switch (in the environment contract below). The S3 keys reach servers, jobs and Train
 workers only through a 0600 shared-credentials file named by ``AWS_SHARED_CREDENTIALS_FILE`` in the environment of
 the processes, never as values in an environment a runtime_env would copy (Ray logs runtime_envs and returns them
 from its state API). SeaweedFS signs its filer and volume HTTP APIs with JWT keys (``security.toml``), so the only
@@ -348,6 +352,8 @@ class StackConfig:
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
+            # Loopback only (the module docstring): a node and its clients must agree, so clients carry it too.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
 
     def write_secrets(self) -> None:
