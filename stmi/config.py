@@ -141,7 +141,7 @@ class DataConfig:
     one: stmi.data.batch.draw_presence). 0 (the paper's recipe): off. Searchable, in [0, 1]."""
     modality_dropout_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     """Per-modality factors (RGB, NIR, TIR) of ``modality_dropout``: modality m is dropped with probability
-    ``modality_dropout * scale[m]``, which must be in [0, 1] (e.g. ``0,0,2`` with 0.25 drops only TIR, half the time)."""
+    ``modality_dropout * scale[m]``, which must be in [0, 1] (``0,0,2`` with 0.25 drops only TIR, half the time)."""
 
     def __post_init__(self) -> None:
         rates = self.modality_dropout_rates()

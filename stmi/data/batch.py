@@ -80,7 +80,8 @@ def draw_presence(n: int, rates: Sequence[float], available: torch.Tensor | None
     exactly; the kept set is the categorical inverse CDF of that number over the 7 subsets in a fixed order.
 
     Raises:
-        ValueError: a rate outside [0, 1] or not three of them, or ``available`` of the wrong shape or with an empty row.
+        ValueError: a rate outside [0, 1] or not three of them; ``available`` of the wrong shape or with an empty
+            row.
     """
     r = torch.as_tensor([float(x) for x in rates], dtype=torch.float64)
     if r.shape != (3,) or bool(((r < 0) | (r > 1)).any()):

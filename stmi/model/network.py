@@ -344,8 +344,9 @@ def needs_find_unused_parameters(cfg: ModelConfig) -> bool:
     for every ablation). Missing modalities (``presence``, modality dropout) keep this: an absent modality is
     still encoded (as zeros) and run through STR, and its tokens are excluded by masks (``torch.where``, zero
     incidence, key padding), which give its parameters a zero gradient rather than none, even when no sample of
-    a batch has that modality (``tests/test_missing_modalities_model.py`` checks it). The flag costs an extra autograd-graph traversal per step; pass this function's value
-    to ``prepare_model``/``DistributedDataParallel`` instead of a constant.
+    a batch has that modality (``tests/test_missing_modalities_model.py`` checks it). The flag costs an extra
+    autograd-graph traversal per step; pass this function's value to ``prepare_model``/``DistributedDataParallel``
+    instead of a constant.
     """
     del cfg  # kept in the signature: a future configuration that leaves a module unused answers here
     return False
