@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from stmi.config import (
     ConfigError,
     STMIConfig,
     apply_overrides,
+    field_types,
     flatten,
     from_dict,
     parse_assignments,
@@ -49,6 +51,8 @@ from stmi.config import (
 if TYPE_CHECKING:
     from stmi.engine import TrainingRun
 
+MISSING_CHOICES: tuple[str, ...] = typing.get_args(field_types()["eval.missing"])
+"""``--missing`` values: those of the config field ``eval.missing``."""
 # stmi.engine (torch, open_clip) is imported where it runs, in the workers, so --help and argument errors are instant.
 log = logging.getLogger("stmi.train")
 EXPORT_DIR, EXPORT_FILE = "checkpoints", "best.pt"
@@ -293,6 +297,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, repeatable: --set model.K=8 --set optim.lr=1e-5")
     p.add_argument("--epochs", type=int, help="shortcut for --set optim.epochs=N")
+    p.add_argument("--missing", choices=MISSING_CHOICES, help="shortcut for --set eval.missing=...: the final test "
+                   "also runs TOP-ReID's missing-modality protocol (six settings), MDReID's any-to-any grid (49), or "
+                   "both, and logs a table of mAP / R1 per setting (default: the config's, none)")
     p.add_argument("--workers", type=int, default=1, help="DDP workers")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -315,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     extra_tags: dict[str, str] = {}
     try:
-        overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
+        overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else []) + (
+            [f"eval.missing={args.missing}"] if args.missing else [])
         settings = PlatformSettings.from_env(args)
         if args.rerun:
             cfg, extra_tags = _rerun_config(args, settings, overrides)
