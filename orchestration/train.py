@@ -120,6 +120,19 @@ def log_data_inputs(tracker: RunLogger, cfg: STMIConfig) -> None:
     tracker.log_data_fingerprints(fingerprint_dataset(splits), source=str(splits.root), name=cfg.data.dataset)
 
 
+MISSING_TABLE = "eval/missing_modalities.json"
+"""The MLflow table of the missing-modality protocols (one row per setting) a run with ``eval.missing`` logs."""
+
+
+def log_missing(tracker: RunLogger, missing: dict[str, Any]) -> None:
+    """The missing-modality results of the final test (``{protocol: {setting: result}}``) as metrics
+    ``test_missing/<protocol>/<setting>/<metric>`` and the table :data:`MISSING_TABLE`, through ``RunLogger``."""
+    from stmi.eval_missing import missing_metrics, missing_table
+
+    tracker.log_metrics(missing_metrics(missing))
+    tracker.log_table(missing_table(missing), MISSING_TABLE)
+
+
 class RayReport(Callback):
     """Every epoch: rank 0 reports its metrics with the checkpoint (through Ray's storage), other ranks without."""
 
@@ -148,7 +161,8 @@ class MlflowLog(Callback):
         self.tracker.log_metrics(metrics)
 
     def on_test_end(self, run: TrainingRun, result: dict[str, Any], weights: dict[str, Any]) -> None:
-        """Test metrics, resolved config, CMC curve, retrieval picture, exported best weights.
+        """Test metrics (and the missing-modality table, :func:`log_missing`), resolved config, CMC curve, retrieval
+        picture, exported best weights.
 
         Logged before the last epoch's checkpoint, so a crash in between redoes the epoch and logs them again.
         A failing plot never fails the run."""
@@ -157,6 +171,8 @@ class MlflowLog(Callback):
 
         cfg, loaders = run.cfg, run.loaders
         self.tracker.log_metrics({f"test_{k}": result[k] for k in ("mAP", "R1", "R5", "R10")})
+        if result.get("missing"):
+            log_missing(self.tracker, result["missing"])
         self.tracker.log_dict(to_dict(cfg), "config.json")
         with tempfile.TemporaryDirectory() as tmp:
             try:
