@@ -26,7 +26,9 @@ def model_inputs(batch: dict[str, Any], device: torch.device | str,
         batch: ``rgb``/``nir``/``tir`` ``(B, 3, H, W)`` (or, from the frame cache, ``frames`` uint8 with ``erase``
             boxes, which :func:`stmi.data.batch_transforms.prepare_batch` turns into those on ``device``); optional
             ``mask`` ``(B, 1, H, W)`` with ``has_mask``
-            ``(B,)``, ``text`` token ids, ``camid`` ``(B,)``. Absent or None keys are not passed to the model.
+            ``(B,)``, ``text`` token ids, ``camid`` ``(B,)``, ``presence`` ``(B, 3)`` bool (columns rgb, nir, tir;
+            False = that modality is absent, its frame is not used: ``STMI.forward``). Absent or None keys are not
+            passed to the model.
         use_camid: pass ``camid`` (the SIE term); evaluation may switch it off.
     """
     from stmi.data.batch_transforms import prepare_batch  # cached-path batches: uint8 -> augmented, on the device
@@ -43,4 +45,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device | str,
         kw["text"] = _to(batch["text"], device)
     if use_camid and batch.get("camid") is not None:
         kw["camid"] = torch.as_tensor(batch["camid"]).to(device, dtype=torch.long)
+    if batch.get("presence") is not None:
+        kw["presence"] = torch.as_tensor(batch["presence"]).to(device, dtype=torch.bool)
     return imgs, kw

@@ -13,6 +13,20 @@
 
 :class:`GlobalFusion` is eq. 18: the three projected CLS tokens G query H' with multi-head cross-attention
 (pre-LN on both sides) and a residual, ``U = CrossAttn(G, H', H') + G``.
+
+Absent tokens (``node_mask`` (B, V) bool False: the tokens of a modality the sample lacks, docs/design.md "Missing
+modalities"), defined the same way for every fusion: a present token's output never depends on an absent one, and
+an absent token leaves the fusion unchanged (H' = H for it).
+
+- ``chi``: absent nodes are removed from the hypergraph (rows and columns of the incidence; :mod:`stmi.model.chi`).
+- ``concat``: nothing to exclude (no interaction).
+- ``mlp``: absent tokens enter the token-mixing MLP as zeros (after its LayerNorm), so the fixed mixing weights
+  that would read them multiply 0; the channel MLP is per token.
+- ``mhsa``: absent tokens are masked as keys (key padding mask).
+- :class:`GlobalFusion`: absent tokens are masked as keys, so U of every modality slot attends to present tokens
+  only.
+
+With every token present (``node_mask=None``) each module computes exactly what it computes without the argument.
 """
 
 from __future__ import annotations
@@ -26,10 +40,16 @@ from stmi.model.str_module import CrossAttentionBlock, FeedForward
 FUSIONS = ("chi", "concat", "mlp", "mhsa")
 
 
+def _keep_absent(out: torch.Tensor, h: torch.Tensor, node_mask: torch.Tensor | None) -> torch.Tensor:
+    """``out`` for present tokens, the input ``h`` for absent ones (``node_mask`` (B, V) False)."""
+    return out if node_mask is None else torch.where(node_mask.unsqueeze(-1), out, h)
+
+
 class ConcatFusion(nn.Module):
     """No token interaction: H' = H."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, node_mask: torch.Tensor | None = None) -> torch.Tensor:
+        del node_mask  # no token reads another, so there is nothing to exclude
         return h
 
 
@@ -49,9 +69,12 @@ class MLPFusion(nn.Module):
         self.norm_ch = nn.LayerNorm(dim)
         self.channel_mlp = FeedForward(dim, expansion=1)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.token_mlp(self.norm_tok(h).transpose(1, 2)).transpose(1, 2)
-        return h + self.channel_mlp(self.norm_ch(h))
+    def forward(self, h: torch.Tensor, node_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n = self.norm_tok(h)
+        if node_mask is not None:  # absent tokens are zeros for the token mixing (module docstring)
+            n = n.masked_fill(~node_mask.unsqueeze(-1), 0.0)
+        z = h + self.token_mlp(n.transpose(1, 2)).transpose(1, 2)
+        return _keep_absent(z + self.channel_mlp(self.norm_ch(z)), h, node_mask)
 
 
 class MHSAFusion(nn.Module):
@@ -61,8 +84,9 @@ class MHSAFusion(nn.Module):
         super().__init__()
         self.block = CrossAttentionBlock(dim, heads, ffn=True)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block(h, h)
+    def forward(self, h: torch.Tensor, node_mask: torch.Tensor | None = None) -> torch.Tensor:
+        kpm = None if node_mask is None else ~node_mask
+        return _keep_absent(self.block(h, h, key_padding_mask=kpm), h, node_mask)
 
 
 def build_token_fusion(kind: str, num_nodes: int, dim: int, heads: int, tau: float, chi_layers: int) -> nn.Module:
@@ -89,6 +113,7 @@ class GlobalFusion(nn.Module):
         super().__init__()
         self.block = CrossAttentionBlock(dim, heads, ffn=False)
 
-    def forward(self, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``g`` (B, 3, D), ``tokens`` H' (B, V, D) -> U (B, 3, D)."""
-        return self.block(g, tokens)
+    def forward(self, g: torch.Tensor, tokens: torch.Tensor, node_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``g`` (B, 3, D), ``tokens`` H' (B, V, D) -> U (B, 3, D); ``node_mask`` (B, V) bool, False for tokens
+        that are not attended to (absent modalities); every sample needs one True."""
+        return self.block(g, tokens, key_padding_mask=None if node_mask is None else ~node_mask)

@@ -30,6 +30,34 @@ identically to the L2-normalised ``[G; G]``).
 Text: with ``use_text`` the caption feature T is appended to the STR queries and supervised; ``text=None``
 means empty captions (a triplet without a caption uses the empty caption, docs/design.md). Camera: ``camid=None``
 runs without the SIE term. Masks: samples with ``has_mask=False`` (or no mask at all) get plain attention.
+
+Missing modalities (``presence`` (B, 3) bool, columns RGB, NIR, TIR; docs/design.md "Missing modalities"). A sample
+may lack one or two modalities; one that lacks all three is an error. Each stage:
+
+- Encoder: the absent frame is replaced by zeros and encoded with the others (the shared encoder keeps its one
+  batch of 3B). Nothing reads its tokens afterwards; the zeros only guarantee that whatever tensor the caller put
+  in the absent slot (noise, a stale frame, NaN) cannot reach any output. Skipping the frame instead would save
+  its compute, but changes the batch per modality from step to step and, with ``separate_backbones`` or unshared
+  STR blocks, leaves a whole encoder out of the graph when no sample of a rank's batch has that modality, which
+  DDP without ``find_unused_parameters`` cannot handle. A learned placeholder frame or token is not needed:
+  no stage reads the absent tokens, so it would receive no gradient and carry nothing.
+- STR runs on every modality; the K (+1) tokens of an absent modality are marked absent in the node mask.
+- Token fusion: absent tokens are excluded from CHI's hypergraph (incidence rows and columns, degrees recomputed),
+  masked as keys in ``mhsa``, zeros in the ``mlp`` token mixing; they leave the fusion unchanged
+  (:mod:`stmi.model.fusion`). Without STR the nodes are the CLS tokens (+ T): an absent modality's CLS is masked.
+- Global fusion: absent tokens are masked keys, so every slot of U attends to present tokens only.
+- G and U: an absent modality's slot of G (before the global fusion) and of U (after it) is the mean of the
+  sample's present modalities' slots, before the BNNeck. The retrieval embedding therefore has the full dimension,
+  goes through the same BNNeck and lives in the space of complete samples. The mean (rather than zeros) because
+  (1) a query and a gallery item with disjoint subsets (RGB-only against TIR-only, MDReID's any-to-any) still
+  compare features in every slot, where zero slots would make every similarity 0; (2) a zero slot is far from
+  the per-slot statistics the BNNeck normalises with (and with modality dropout would drag its running mean and
+  variance towards 0, shifting complete samples too), while the mean of present CLS/U features is a feature of the
+  same kind; (3) trained with modality dropout, the filled slots are supervised by the same CE and triplet losses,
+  so each modality's feature learns to stand in for a missing one. The baseline ablation (no U) fills G the same
+  way. T is unchanged.
+- ``presence=None`` or all True: no mask is built anywhere and the outputs are bit-identical to a forward without
+  the argument (a test checks it for every ablation).
 """
 
 from __future__ import annotations
@@ -47,7 +75,7 @@ from stmi.model.heads import BNNeck
 from stmi.model.sfm import patch_token_mask, perturb_token_mask
 from stmi.model.str_module import SemanticTokenReallocation
 
-__all__ = ["STMI", "STMIOutput", "build_model", "needs_find_unused_parameters"]
+__all__ = ["STMI", "STMIOutput", "build_model", "check_presence", "fill_absent", "needs_find_unused_parameters"]
 
 NUM_MODALITIES = 3
 
@@ -67,6 +95,41 @@ class STMIOutput:
     bn_feats: dict[str, torch.Tensor]
     embedding: torch.Tensor
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def fill_absent(x: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, 3, D) with each absent modality's slot (``presence`` (B, 3) False) set to the mean of the sample's
+    present slots (module docstring). Absent slots never enter the mean, whatever their value (NaN included)."""
+    p = presence.unsqueeze(-1)
+    mean = x.masked_fill(~p, 0.0).sum(dim=1, keepdim=True) / presence.sum(dim=1).view(-1, 1, 1).to(x.dtype)
+    return torch.where(p, x, mean)
+
+
+def check_presence(presence: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Validate ``presence`` and return it on ``device``, or None when it is None or all True (every stage then runs
+    its unmasked path, which is what keeps complete samples bit-identical).
+
+    Raises:
+        ValueError: not a (batch, 3) bool tensor, or a sample has no modality at all (names the samples).
+    """
+    if presence is None:
+        return None
+    if not isinstance(presence, torch.Tensor) or presence.dtype != torch.bool:
+        raise ValueError(f"presence must be a bool tensor of shape ({batch}, 3) (columns rgb, nir, tir), got "
+                         f"{getattr(presence, 'dtype', type(presence).__name__)}; pass presence.bool()")
+    if tuple(presence.shape) != (batch, NUM_MODALITIES):
+        raise ValueError(f"presence has shape {tuple(presence.shape)}, expected ({batch}, {NUM_MODALITIES}) "
+                         "(one row per sample, columns rgb, nir, tir)")
+    presence = presence.to(device)
+    empty = (~presence).all(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"presence: sample(s) {rows[:10]}{' ...' if len(rows) > 10 else ''} of the batch have no "
+                         "modality (rgb, nir and tir all absent); every sample needs at least one: drop those "
+                         "samples before calling the model")
+    if bool(presence.all()):
+        return None
+    return presence
 
 
 class STMI(nn.Module):
@@ -160,6 +223,7 @@ class STMI(nn.Module):
         has_mask: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         camid: torch.Tensor | None = None,
+        presence: torch.Tensor | None = None,
     ) -> STMIOutput:
         """Features, post-BN features, logits (training) and the retrieval embedding.
 
@@ -169,11 +233,22 @@ class STMI(nn.Module):
             has_mask: (B,) bool; None with a mask means every sample has one.
             text: (B, context_length) ids from :meth:`tokenize`, or None for empty captions.
             camid: (B,) 0-based camera ids, or None (no SIE term).
+            presence: (B, 3) bool, columns rgb, nir, tir; False marks an absent modality, whose frame (any tensor
+                of the right shape) is not used (module docstring). None: all present.
+
+        Raises:
+            ValueError: ``presence`` is malformed or a sample has no modality.
         """
         b = rgb.shape[0]
+        presence = check_presence(presence, b, rgb.device)
+        images = [rgb, nir, tir]
+        if presence is not None:  # the absent frames are zeros from here on: nothing the caller put there is read
+            images = [x.masked_fill(~presence[:, m].view(-1, 1, 1, 1), 0.0) for m, x in enumerate(images)]
         tm, active = self._token_mask(mask, has_mask, b)
-        tokens = self._encode_images([rgb, nir, tir], tm, active, camid)
+        tokens = self._encode_images(images, tm, active, camid)
         g = torch.stack([t[:, 0] for t in tokens], dim=1)  # (B, 3, D)
+        if presence is not None:
+            g = fill_absent(g, presence)
 
         t_feat = None
         if self.text is not None:
@@ -183,11 +258,18 @@ class STMI(nn.Module):
 
         feats: dict[str, torch.Tensor] = {"G": g.flatten(1)}
         if self.has_u:
+            node_mask = None
             if self.str_module is not None:
                 h = self.str_module([t[:, 1:] for t in tokens], t_feat)
+                if presence is not None:  # modality-major tokens, K (+1) per modality
+                    node_mask = presence.repeat_interleave(h.shape[1] // NUM_MODALITIES, dim=1)
             else:
                 h = g if t_feat is None else torch.cat([g, t_feat.unsqueeze(1).to(g.dtype)], dim=1)
-            u = self.global_fusion(g, self.token_fusion(h))
+                if presence is not None:  # the CLS nodes, then T (always present)
+                    node_mask = torch.cat([presence, presence.new_ones(b, h.shape[1] - NUM_MODALITIES)], dim=1)
+            u = self.global_fusion(g, self.token_fusion(h, node_mask), node_mask)
+            if presence is not None:
+                u = fill_absent(u, presence)
             feats["U"] = u.flatten(1)
         if t_feat is not None:
             feats["T"] = t_feat
@@ -210,17 +292,20 @@ class STMI(nn.Module):
         has_mask: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         camid: torch.Tensor | None = None,
+        presence: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, embedding_dim) unit-norm retrieval embedding, in eval mode and without gradients.
 
         The previous train/eval mode is restored afterwards, so an evaluation in the middle of training does
-        not leave the model in eval mode.
+        not leave the model in eval mode. ``presence`` as in :meth:`forward`: a sample with absent modalities gets
+        an embedding of the same dimension, in the same space as a complete one.
         """
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                return self.forward(rgb, nir, tir, mask=mask, has_mask=has_mask, text=text, camid=camid).embedding
+                return self.forward(rgb, nir, tir, mask=mask, has_mask=has_mask, text=text, camid=camid,
+                                    presence=presence).embedding
         finally:
             self.train(was_training)
 
@@ -256,7 +341,10 @@ def needs_find_unused_parameters(cfg: ModelConfig) -> bool:
     the token and global fusion without ``U``, SFM alpha/beta outside the modulated layers are not built), and a
     batch without masks or camera ids keeps alpha/beta and the SIE table in the graph with a zero gradient, so
     each rank produces a gradient for every parameter at every step (``tests/test_ddp_params.py`` checks this
-    for every ablation). The flag costs an extra autograd-graph traversal per step; pass this function's value
+    for every ablation). Missing modalities (``presence``, modality dropout) keep this: an absent modality is
+    still encoded (as zeros) and run through STR, and its tokens are excluded by masks (``torch.where``, zero
+    incidence, key padding), which give its parameters a zero gradient rather than none, even when no sample of
+    a batch has that modality (``tests/test_missing_modalities_model.py`` checks it). The flag costs an extra autograd-graph traversal per step; pass this function's value
     to ``prepare_model``/``DistributedDataParallel`` instead of a constant.
     """
     del cfg  # kept in the signature: a future configuration that leaves a module unused answers here

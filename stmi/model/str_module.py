@@ -48,10 +48,15 @@ class CrossAttentionBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(dim) if ffn else None
         self.ffn = FeedForward(dim) if ffn else None
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``query`` (B, Q, D) attends to ``context`` (B, L, D); returns (B, Q, D)."""
+    def forward(self, query: torch.Tensor, context: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``query`` (B, Q, D) attends to ``context`` (B, L, D); returns (B, Q, D).
+
+        ``key_padding_mask`` (B, L) bool, True for context tokens no query may attend to (their attention weight is
+        exactly 0); every row needs at least one False. None: all are attended to.
+        """
         kv = self.norm_kv(context)
-        z = self.attn(self.norm_q(query), kv, kv, need_weights=False)[0] + query
+        z = self.attn(self.norm_q(query), kv, kv, key_padding_mask=key_padding_mask, need_weights=False)[0] + query
         if self.ffn is not None:
             z = self.ffn(self.norm_ffn(z)) + z
         return z
