@@ -135,6 +135,29 @@ class DataConfig:
     memory-mapped; augmentation on batches); false reads and decodes the image files per item every epoch."""
     cache_dir: str = ""
     """Node-local folder of the frame cache; empty: ``$STMI_CACHE_DIR``, else ``~/.cache/stmi/frames``."""
+    modality_dropout: float = 0.0
+    """Training only: probability that each modality (RGB, NIR, TIR, times ``modality_dropout_scale``) of a training
+    triplet is dropped, i.e. marked absent for the model; never all three (independent drops conditioned on keeping
+    one: stmi.data.batch.draw_presence). 0 (the paper's recipe): off. Searchable, in [0, 1]."""
+    modality_dropout_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Per-modality factors (RGB, NIR, TIR) of ``modality_dropout``: modality m is dropped with probability
+    ``modality_dropout * scale[m]``, which must be in [0, 1] (e.g. ``0,0,2`` with 0.25 drops only TIR, half the time)."""
+
+    def __post_init__(self) -> None:
+        rates = self.modality_dropout_rates()
+        if not 0.0 <= self.modality_dropout <= 1.0 or any(s < 0 for s in self.modality_dropout_scale) \
+                or any(r > 1.0 for r in rates):
+            raise ConfigError(f"data.modality_dropout={self.modality_dropout} x data.modality_dropout_scale="
+                              f"{self.modality_dropout_scale} gives per-modality drop rates {rates}; each must be in "
+                              f"[0, 1]: lower data.modality_dropout or the scale")
+        if all(r == 1.0 for r in rates):
+            raise ConfigError("data.modality_dropout with data.modality_dropout_scale drops all three modalities "
+                              "with probability 1, but a triplet always keeps one; lower one modality's rate below 1")
+
+    def modality_dropout_rates(self) -> tuple[float, float, float]:
+        """The per-modality drop probabilities (RGB, NIR, TIR): ``modality_dropout * modality_dropout_scale``."""
+        r = tuple(float(self.modality_dropout) * float(s) for s in self.modality_dropout_scale)
+        return r[0], r[1], r[2]
 
 
 @dataclass(frozen=True)

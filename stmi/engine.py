@@ -27,6 +27,12 @@ Choices the paper leaves open (documented where they are implemented):
   fractional epochs ``it / steps_per_epoch``), which is smoother than the anchors' per-epoch steps and equal to
   them at epoch boundaries; ``steps_per_epoch=1`` with one ``step()`` per epoch gives the per-epoch schedule.
 - Precision: bf16 autocast on CUDA only (no GradScaler: bf16 has fp32's range); CPU runs in fp32.
+- Modality dropout (``data.modality_dropout``, off by default and in the paper recipe): :func:`train_one_epoch`
+  marks modalities of each training triplet absent (:func:`stmi.data.batch.drop_modalities`, the distribution in
+  :func:`stmi.data.batch.draw_presence`) right before :func:`model_inputs`, in the training process: one draw per
+  triplet from torch's global CPU generator, which :func:`seed_everything` seeds with ``optim.seed + rank`` and the
+  checkpoints save, so deterministic runs stay deterministic, a resumed run draws what the uninterrupted one would,
+  and the ranks of a DDP run drop different modalities. Evaluation never drops.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from torch import nn
 
 from stmi.callbacks import Callback, EpochEnd, FitState
 from stmi.config import LossConfig, ModelConfig, OptimConfig, STMIConfig, from_dict, to_dict
-from stmi.data.batch import model_inputs
+from stmi.data.batch import drop_modalities, model_inputs
 from stmi.data.loaders import Loaders, build_loaders
 from stmi.eval import evaluate, evaluate_features
 from stmi.model import build_model
@@ -168,7 +174,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_cfg: LossConfig,
                     device: torch.device | str, epoch: int, amp: bool = False, grad_clip: float | None = None,
                     log_every: int = 0, progress: bool = True, max_steps: int | None = None,
-                    log_fn: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+                    log_fn: Callable[[int, dict[str, float]], None] | None = None,
+                    modality_dropout: Sequence[float] | None = None) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``.
 
     Args:
@@ -181,6 +188,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         log_every: call ``log_fn(step, running means)`` every this many steps (0: never).
         progress: a tqdm bar on stderr.
         max_steps: stop after this many steps (smoke tests, benchmarks).
+        modality_dropout: per-modality drop probabilities (rgb, nir, tir; ``DataConfig.modality_dropout_rates()``)
+            applied to every batch (module docstring); None or all 0: none, and no random number is drawn.
 
     Returns:
         Mean of each loss term (``G_ce``, ``G_tri``, ...) and of ``loss`` (the total) over the epoch, ``lr`` and
@@ -210,6 +219,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         it = tqdm(loader, desc=f"epoch {epoch}", total=total, leave=False, unit="batch")
     t0 = time.perf_counter()
     for batch in it:
+        batch = drop_modalities(batch, modality_dropout)
         imgs, kw = model_inputs(batch, device)
         pids = torch.as_tensor(batch["pid"]).to(device, dtype=torch.long)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -449,7 +459,8 @@ def find_unused_parameters(cfg: STMIConfig) -> bool:
 
     Every configuration builds only parameters that reach the loss and keeps the rest in the graph with a zero
     gradient, so this is False (``tests/test_ddp_params.py`` checks every ablation); the flag would cost a graph
-    traversal per step.
+    traversal per step. Modality dropout does not change it: an absent modality is still encoded and masked, so
+    its parameters get a zero gradient (``tests/test_missing_modalities_model.py``).
     """
     from stmi.model.network import needs_find_unused_parameters
 
@@ -591,7 +602,8 @@ def fit(run: TrainingRun, state: FitState | None = None, callbacks: Sequence[Cal
         last = epoch == epochs - 1
         run.loaders.train_sampler.set_epoch(epoch)
         stats = train_one_epoch(run.model, run.loaders.train, run.optimizer, run.scheduler, cfg.loss, run.device,
-                                epoch, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, progress=progress)
+                                epoch, amp=cfg.optim.amp, grad_clip=cfg.optim.grad_clip, progress=progress,
+                                modality_dropout=cfg.data.modality_dropout_rates())
         metrics: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if has_val and ((epoch + 1) % cfg.optim.eval_every == 0 or last) and (run.is_main or run.world_size > 1):
             val = evaluate_split(run, "val")  # every rank when distributed (sharded extraction), else the main one

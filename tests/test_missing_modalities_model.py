@@ -10,6 +10,8 @@ distribution and determinism.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -393,3 +395,152 @@ def test_model_inputs_presence_reaches_the_model(batch: dict) -> None:
     want = model.embed(batch["rgb"], batch["nir"], batch["tir"], mask=batch["mask"], camid=batch["camid"],
                        presence=PARTIAL)
     assert torch.equal(model.embed(*imgs, **kw), want)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# modality dropout: the distribution of draw_presence, its determinism, and its use in training
+
+SUBSETS = [(1, 1, 1), (1, 1, 0), (1, 0, 1), (1, 0, 0), (0, 1, 1), (0, 1, 0), (0, 0, 1)]
+
+
+def _subset_probs(rates: tuple[float, float, float], avail: tuple[int, int, int] = (1, 1, 1)) -> dict:
+    """P(kept set) of independent drops conditioned on keeping one, by enumeration (the docstring's formula)."""
+    w = {}
+    for s in SUBSETS:
+        if any(k and not a for k, a in zip(s, avail)):
+            continue
+        p = 1.0
+        for m in range(3):
+            if avail[m]:
+                p *= (1 - rates[m]) if s[m] else rates[m]
+        w[s] = p
+    z = sum(w.values())
+    return {s: p / z for s, p in w.items()}
+
+
+def _counts(p: torch.Tensor) -> dict[tuple[int, int, int], int]:
+    code = torch.bincount(4 * p[:, 0].long() + 2 * p[:, 1].long() + p[:, 2].long(), minlength=8)
+    return {s: int(code[4 * s[0] + 2 * s[1] + s[2]]) for s in [(0, 0, 0), *SUBSETS]}
+
+
+@pytest.mark.parametrize("rates", [(0.3, 0.3, 0.3), (0.2, 0.5, 0.8), (0.9, 0.9, 0.9), (0.0, 0.0, 1.0),
+                                   (1.0, 1.0, 0.0), (0.5, 0.0, 0.25)])
+def test_dropout_rates_are_within_a_binomial_bound(rates: tuple[float, float, float]) -> None:
+    from stmi.data.batch import draw_presence
+
+    # 20000 draws: 4.5 standard deviations are small enough to tell conditioning on a kept modality from keeping
+    # one at random (at rates 0.9 a single kept modality has probability 0.299 against 0.324)
+    n = 20000
+    p = draw_presence(n, rates, generator=torch.Generator().manual_seed(11))
+    assert p.shape == (n, 3) and p.dtype == torch.bool
+    assert p.any(dim=1).all(), "a sample lost all three modalities"
+    want = _subset_probs(rates)
+    counts = _counts(p)
+    for s in SUBSETS:  # every kept set, then every marginal, within 4.5 binomial standard deviations
+        q = want.get(s, 0.0)
+        seen = counts[s] / n
+        assert abs(seen - q) <= 4.5 * math.sqrt(q * (1 - q) / n) + 1e-12, (s, seen, q)
+    prod = rates[0] * rates[1] * rates[2]
+    for m in range(3):
+        q = (rates[m] - prod) / (1 - prod)
+        seen = float((~p[:, m]).double().mean())
+        assert abs(seen - q) <= 4.5 * math.sqrt(q * (1 - q) / n) + 1e-12, (m, seen, q)
+
+
+def test_dropout_only_removes_available_modalities() -> None:
+    from stmi.data.batch import draw_presence
+
+    avail = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool).repeat(1000, 1)
+    p = draw_presence(len(avail), (0.6, 0.6, 0.6), available=avail, generator=torch.Generator().manual_seed(2))
+    assert not (p & ~avail).any() and p.any(dim=1).all()
+    assert torch.equal(p[0::4], avail[0::4])  # one modality available: it is kept
+    n = 1000
+    for row, a in ((1, (0, 1, 1)), (3, (1, 1, 1))):
+        counts = _counts(p[row::4])
+        for s, q in _subset_probs((0.6, 0.6, 0.6), a).items():
+            assert abs(counts[s] / n - q) <= 4.5 * math.sqrt(q * (1 - q) / n), (a, s)
+    # every available modality at rate 1: nothing can be dropped, the sample keeps what it has
+    assert torch.equal(draw_presence(4, (1.0, 1.0, 1.0), available=avail[:4]), avail[:4])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        draw_presence(4, (0.5, 1.5, 0.0))
+    with pytest.raises(ValueError, match="no modality"):
+        draw_presence(1, (0.5, 0.5, 0.5), available=torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_dropout_is_seeded_and_zero_rates_draw_nothing() -> None:
+    from stmi.data.batch import draw_presence, drop_modalities
+
+    a = draw_presence(500, (0.3, 0.4, 0.5), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, draw_presence(500, (0.3, 0.4, 0.5), generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, draw_presence(500, (0.3, 0.4, 0.5), generator=torch.Generator().manual_seed(6)))
+    assert draw_presence(500, (0.0, 0.0, 0.0), generator=torch.Generator().manual_seed(5)).all()
+    batch = {"pid": np.arange(6), "rgb": torch.zeros(6, 3, 2, 2)}
+    state = torch.get_rng_state()
+    assert drop_modalities(batch, (0.0, 0.0, 0.0)) is batch and drop_modalities(batch, None) is batch
+    assert torch.equal(torch.get_rng_state(), state)  # no draw: a run without dropout is unchanged
+    torch.manual_seed(3)  # the global generator: what seed_everything seeds and the checkpoints save
+    first = drop_modalities(batch, (0.5, 0.5, 0.5))["presence"]
+    torch.manual_seed(3)
+    assert torch.equal(drop_modalities(batch, (0.5, 0.5, 0.5))["presence"], first)
+    assert "presence" not in batch  # the input batch is not modified
+    given = {**batch, "presence": np.array([[True, False, False]] * 6)}
+    assert torch.equal(drop_modalities(given, (0.9, 0.9, 0.9))["presence"], torch.tensor([[True, False, False]] * 6))
+
+
+def _train(dropout: tuple[float, float, float] | None, seed: int = 0, steps: int = 2
+           ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
+    from stmi.config import OptimConfig
+    from stmi.engine import build_optimizer, train_one_epoch
+
+    torch.manual_seed(seed)
+    model = build_model(tiny_cfg(p=0.1))
+    seen: list[torch.Tensor | None] = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("presence")), with_kwargs=True)
+    batches = []
+    for i in range(steps):
+        b = make_batch(seed=10 + i)
+        batches.append({"rgb": b["rgb"], "nir": b["nir"], "tir": b["tir"], "mask": b["mask"], "camid": b["camid"],
+                        "pid": b["pids"]})
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    train_one_epoch(model, batches, opt, None, LossConfig(), "cpu", 0, progress=False, modality_dropout=dropout)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, seen
+
+
+def test_training_with_zero_dropout_is_bit_identical_and_dropout_reaches_the_model() -> None:
+    base, seen = _train(None)
+    assert seen == [None, None]
+    zero, seen = _train((0.0, 0.0, 0.0))
+    assert seen == [None, None] and all(torch.equal(zero[k], v) for k, v in base.items())
+    drop, seen = _train((0.5, 0.5, 0.5))
+    assert all(s is not None and s.shape == (B, 3) and s.any(dim=1).all() for s in seen)
+    assert any(not s.all() for s in seen)
+    assert any(not torch.equal(drop[k], v) for k, v in base.items())
+    again, seen_again = _train((0.5, 0.5, 0.5))  # same seed: the same drops and the same weights
+    assert all(torch.equal(a, b) for a, b in zip(seen, seen_again))
+    assert all(torch.equal(again[k], v) for k, v in drop.items())
+
+
+def test_dropout_config_is_validated_off_in_the_paper_recipe_and_searchable(tmp_path) -> None:
+    from orchestration.search_space import load_search_space
+    from stmi.config import ConfigError, STMIConfig, apply_overrides
+    from stmi.recipes import recipe
+
+    for ds in ("rgbnt201", "rgbnt100", "msvr310"):
+        assert recipe("paper", ds).data.modality_dropout_rates() == (0.0, 0.0, 0.0)
+    cfg = apply_overrides(STMIConfig(), {"data.modality_dropout": 0.25, "data.modality_dropout_scale": "1,0,2"})
+    assert cfg.data.modality_dropout_rates() == (0.25, 0.0, 0.5)
+    for bad in ({"data.modality_dropout": -0.1}, {"data.modality_dropout": 1.2},
+                {"data.modality_dropout": 0.6, "data.modality_dropout_scale": "2,1,1"},
+                {"data.modality_dropout_scale": "1,-1,1"}):
+        with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+            apply_overrides(STMIConfig(), bad)
+    with pytest.raises(ConfigError, match="all three"):
+        apply_overrides(STMIConfig(), {"data.modality_dropout": 1.0})
+    space = tmp_path / "dropout.yaml"
+    space.write_text("kind: optuna\nparams:\n  data.modality_dropout: {type: float, low: 0.0, high: 0.5}\n"
+                     "  data.modality_dropout_scale: {type: choice, values: [[1, 1, 1], [0, 0, 2]]}\n"
+                     "start:\n  - {data.modality_dropout: 0.0, data.modality_dropout_scale: [1, 1, 1]}\n")
+    ss = load_search_space(space)
+    trial = apply_overrides(STMIConfig(), ss.trial_overrides({"data.modality_dropout": 0.3,
+                                                              "data.modality_dropout_scale": (0.0, 0.0, 2.0)}))
+    assert trial.data.modality_dropout_rates() == (0.0, 0.0, 0.6)
