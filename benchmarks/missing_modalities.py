@@ -87,7 +87,8 @@ def run_one(root: Path, overrides: dict[str, Any], seed: int, epochs: int, devic
     loss = float("nan")
     for epoch in range(epochs):
         loss = train_one_epoch(run.model, run.loaders.train, run.optimizer, run.scheduler, cfg.loss, device, epoch,
-                               amp=cfg.optim.amp, progress=False)["loss"]
+                               amp=cfg.optim.amp, progress=False,
+                               modality_dropout=cfg.data.modality_dropout_rates())["loss"]
     bank = FeatureBank(run.core, run.loaders.query, run.loaders.gallery, device, absent=absent)
     res = evaluate_missing(run.core, run.loaders.query, run.loaders.gallery, device, missing=protocol,
                            use_scenes=run.loaders.uses_scenes, bank=bank)
