@@ -14,6 +14,9 @@ and the metrics ``best_val_mAP``, ``test_mAP``, ``test_R1``, ``test_R5``, ``test
 - **Ablation tables** (a sweep whose configurations cover at least two rows of a table): tables 3, 4 and 5 with
   the paper's row names (baseline / +SFM / +SFM+STR / +SFM+STR+CHI; concat / MLP / MHSA / CHI; the SFM sharing and
   placement variants), classified from the params, mean +- std, the paper's numbers beside.
+- **Missing modalities** (a sweep run with ``eval.missing``): the champion's test mAP / R1 per setting of TOP-ReID's
+  protocol (and their mean) and of MDReID's any-to-any grid, from its ``test_missing/<protocol>/<setting>/<metric>``
+  metrics, mean +- std over its seeds.
 - Written as ``report.md``, a self-contained ``report.html`` (chart embedded), ``report.png`` (bar chart with
   error bars: one std) and ``report.json`` (every number); logged to each parent run under ``report/`` with the
   tables as MLflow tables (``report/champion.json``, ``report/table3.json`` ...) that the UI shows.
@@ -43,6 +46,8 @@ SELECTION_METRIC = "best_val_mAP"
 IGNORED_PARAMS = ("optim.seed",)
 IGNORED_PREFIXES = ("train.",)
 AVERAGED_STATUS = "FINISHED"
+MISSING_PREFIX = "test_missing"
+"""Prefix of the missing-modality metrics (``stmi.eval_missing.missing_metrics``; not imported: it imports torch)."""
 
 
 class ReportError(RuntimeError):
@@ -211,6 +216,38 @@ def _status_note(group: Group) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
 
+def missing_rows(group: Group) -> list[tuple[list[str], dict[str, Any]]]:
+    """The missing-modality table of a configuration (runs with ``eval.missing``, ``orchestration.train``'s
+    ``log_missing``): one row per setting its runs logged, TOP-ReID's six and their mean first, then MDReID's
+    any-to-any grid, mean +- std over the seeds; ``[]`` when its runs logged none."""
+    prefix = MISSING_PREFIX + "/"
+    names = {k[len(prefix):].rsplit("/", 1)[0] for r in group.averaged for k in r.data.metrics if k.startswith(prefix)}
+    order = {"topreid": 0, "any2any": 1}
+    subsets = ("RNT", "RN", "RT", "NT", "R", "N", "T")
+    topreid_order = ("NT", "RT", "RN", "T", "N", "R", "mean")  # TOP-ReID's TEST.MISS order: r, n, t, rn, rt, nt
+
+    def pos(seq: tuple[str, ...], item: str) -> int:
+        return seq.index(item) if item in seq else len(seq)
+
+    def key(name: str) -> tuple[int, int, int]:
+        protocol, setting = name.split("/", 1)
+        if protocol == "topreid":
+            return order[protocol], pos(topreid_order, setting), 0
+        q, _, g = setting.partition("_to_")
+        return order.get(protocol, 2), pos(subsets, q), pos(subsets, g)
+
+    out = []
+    for name in sorted(names, key=key):
+        protocol, setting = name.split("/", 1)
+        q, _, g = setting.partition("_to_") if protocol == "any2any" else (setting, "", setting)
+        if setting == "mean":
+            q = g = "-"
+        stats = {m: group.stat(f"{prefix}{name}/{m}") for m in ("mAP", "R1")}
+        out.append(([protocol, setting, q, g, stats["mAP"].fmt(), stats["R1"].fmt(), str(stats["mAP"].n)],
+                    {m: {"mean": st.mean, "std": st.std, "n": st.n} for m, st in stats.items()}))
+    return out
+
+
 def build_tables(groups_by_dataset: dict[str, list[Group]]) -> dict[str, Any]:
     """Every table of the report as ``{"name": {"title", "header", "rows", "numbers"}}`` (numbers as fractions)."""
     figs = paper_figures()
@@ -239,6 +276,12 @@ def build_tables(groups_by_dataset: dict[str, list[Group]]) -> dict[str, Any]:
         trials = [[g.label, g.stat(SELECTION_METRIC).fmt(), *(g.stat(m).fmt() for m in METRICS),
                    str(g.stat(SELECTION_METRIC).n), ",".join(g.seeds) or "-", _status_note(g) or "-"]
                   for g in groups]
+        if champ is not None and (missing := missing_rows(champ)):
+            tables[f"{dataset}/missing"] = {
+                "title": f"{dataset}: champion ({champ.label}) with missing modalities (test; eval.missing)",
+                "header": ["protocol", "setting", "query", "gallery", "test mAP", "R1", "n"],
+                "rows": [row for row, _ in missing],
+                "numbers": {f"{row[0]}/{row[1]}": nums for row, nums in missing}}
         tables[f"{dataset}/configurations"] = {
             "title": f"{dataset}: every configuration (best mean validation mAP first)",
             "header": ["configuration", "val mAP", "test mAP", "R1", "R5", "R10", "n", "seeds", "not averaged"],

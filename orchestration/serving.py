@@ -14,12 +14,20 @@ argument-length limit that ``curl -d "..."`` would)::
       "a man with a backpack" 0 > request.json
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' --data @request.json
 
-Response: ``{"predictions": [[e_1, ..., e_E], ...]}``, one L2-normalised embedding (``STMI.embed``, length
-``embedding_dim``) per row, in row order. Fields of a row:
+A row may leave out any one or two of ``rgb``, ``nir`` and ``tir`` (a failed thermal camera, a site without NIR)::
 
-- ``rgb``, ``nir``, ``tir`` (required): base64 (standard alphabet; a ``data:image/...;base64,`` prefix and line
-  breaks are tolerated) of a JPEG or PNG image in mode ``RGB`` or ``L``. ``L`` (grayscale, the usual NIR/TIR
-  camera output) is replicated to three channels, exactly as the dataset readers' ``convert("RGB")`` does. Other
+    {"inputs": [{"rgb": "<base64>", "tir": "<base64>"}, {"nir": "<base64>"}]}
+
+Response: ``{"predictions": [{"embedding": [e_1, ..., e_E], "modalities": ["rgb", "nir", "tir"]}, ...]}``, per
+row in row order its L2-normalised embedding (``STMI.embed``, length ``embedding_dim``) and the modalities it was
+computed from (those the row carried, in the model's order). The embedding of a partial row is ``STMI.embed`` with
+the row's presence mask (the absent modalities reach no stage of the model; docs/design.md "Missing modalities"), in
+the same space as a complete row's, so partial queries search a complete gallery. Fields of a row:
+
+- ``rgb``, ``nir``, ``tir`` (at least one; a row with none is refused): base64 (standard alphabet; a
+  ``data:image/...;base64,`` prefix and line breaks are tolerated) of a JPEG or PNG image in mode ``RGB`` or
+  ``L``. ``L`` (grayscale, the usual NIR/TIR camera output) is replicated to three channels, exactly as the dataset
+  readers' ``convert("RGB")`` does. Other
   modes are refused rather than converted: ``RGBA``/``LA`` (what would the alpha mean: a cut-out background?),
   ``P`` (palette), ``CMYK``, 16-bit/float (``I;16``, ``I``, ``F``: raw thermal needs a deliberate 8-bit scaling).
   Frames may have any size up to :data:`MAX_IMAGE_PIXELS`; each is resized to the model's ``image_size``.
@@ -78,7 +86,7 @@ from PIL import Image, ImageDraw
 log = logging.getLogger(__name__)
 
 MODALITIES: tuple[str, ...] = ("rgb", "nir", "tir")
-"""Required fields of a row, in the model's argument order."""
+"""The image fields of a row, in the model's argument order; a row carries at least one of them."""
 OPTIONAL_FIELDS: tuple[str, ...] = ("mask", "caption", "camera")
 """Optional fields of a row; any other key is refused (a typo such as ``camid`` would otherwise be ignored)."""
 FRAME_MODES: tuple[str, ...] = ("RGB", "L")
@@ -142,12 +150,22 @@ class ServingInternalError(ServingInputError):
 
 @dataclasses.dataclass
 class DecodedRow:
-    """One validated row: decoded PIL images, caption and camera."""
+    """One validated row: decoded PIL images (None for an absent modality), caption and camera."""
 
-    frames: list[Image.Image]
+    frames: list[Image.Image | None]
     mask: Image.Image | None
     caption: str
     camera: int | None
+
+    @property
+    def presence(self) -> tuple[bool, bool, bool]:
+        """``(rgb, nir, tir)``: which modalities the row carries."""
+        return tuple(f is not None for f in self.frames)  # type: ignore[return-value]
+
+    @property
+    def modalities(self) -> list[str]:
+        """The names of the modalities the row carries, in :data:`MODALITIES` order (the response's field)."""
+        return [m for m, f in zip(MODALITIES, self.frames) if f is not None]
 
 
 def encode_image(img: Image.Image, fmt: str = "PNG") -> str:
@@ -219,7 +237,8 @@ def parse_rows(rows: Any, num_cameras: int) -> list[DecodedRow]:
         raise ServingInputError('"inputs" must be a list of rows, got one object; wrap it in a list: '
                                 '{"inputs": [{...}]}')
     if not isinstance(rows, list):
-        raise ServingInputError(f'"inputs" must be a list of rows (objects with rgb, nir, tir), got {_type_name(rows)}')
+        raise ServingInputError(f'"inputs" must be a list of rows (objects with rgb, nir and/or tir), got '
+                                f'{_type_name(rows)}')
     if not rows:
         raise ServingInputError('the request has no rows ("inputs" is empty); send at least one row')
     if len(rows) > MAX_ROWS:
@@ -230,17 +249,17 @@ def parse_rows(rows: Any, num_cameras: int) -> list[DecodedRow]:
 def _parse_row(i: int, row: Any, num_cameras: int) -> DecodedRow:
     """One row of :func:`parse_rows`."""
     if not isinstance(row, dict):
-        raise ServingInputError(f"row {i} must be an object with fields rgb, nir, tir (optional mask, caption, "
-                                f"camera), got {_type_name(row)}")
+        raise ServingInputError(f"row {i} must be an object with fields rgb, nir, tir (at least one; optional mask, "
+                                f"caption, camera), got {_type_name(row)}")
     unknown = sorted(str(k) for k in row if k not in MODALITIES + OPTIONAL_FIELDS)
     if unknown:
         raise ServingInputError(f"row {i} has unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
                                 f"allowed: {', '.join(MODALITIES + OPTIONAL_FIELDS)}")
-    missing = [m for m in MODALITIES if row.get(m) is None]
-    if missing:
-        raise ServingInputError(f"row {i} is missing modality {', '.join(missing)}: every row needs base64 images "
-                                f"for rgb, nir and tir")
-    frames = [decode_image(row[m], f"row {i} field '{m}'", FRAME_MODES) for m in MODALITIES]
+    if all(row.get(m) is None for m in MODALITIES):
+        raise ServingInputError(f"row {i} has no modality: every row needs a base64 image for at least one of rgb, "
+                                f"nir and tir")
+    frames = [decode_image(row[m], f"row {i} field '{m}'", FRAME_MODES) if row.get(m) is not None else None
+              for m in MODALITIES]
     mask = None
     if row.get("mask") is not None:
         mask = decode_image(row["mask"], f"row {i} field 'mask'", MASK_MODES)
@@ -318,11 +337,11 @@ class STMIServingModel(mlflow.pyfunc.PythonModel):
         _install_one_line_errors()
 
     def predict(self, context: Any, model_input: list[dict[str, Any]],
-                params: dict[str, Any] | None = None) -> list[list[float]]:
-        """One embedding (list of ``embedding_dim`` floats) per row; see the module docstring for the rows."""
+                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Per row ``{"embedding": [embedding_dim floats], "modalities": [names used]}``; rows: module docstring."""
         rows = parse_rows(model_input, self.num_cameras)
         try:
-            return self._embed(rows)
+            return [{"embedding": e, "modalities": r.modalities} for r, e in zip(rows, self._embed(rows))]
         except MlflowException:
             raise
         except Exception as e:
@@ -331,7 +350,8 @@ class STMIServingModel(mlflow.pyfunc.PythonModel):
                                        f"server log has the traceback") from None
 
     def _embed(self, rows: list[DecodedRow]) -> list[list[float]]:
-        """Preprocess like evaluation and run ``STMI.embed``; rows with and without ``camera`` run as two batches."""
+        """Preprocess like evaluation and run ``STMI.embed`` (partial rows with their presence mask); rows with and
+        without ``camera`` run as two batches."""
         import torch
 
         from stmi.data.batch import model_inputs
@@ -353,7 +373,9 @@ class STMIServingModel(mlflow.pyfunc.PythonModel):
 def preprocess(rows: list[DecodedRow], transform: Any, tokenize: Any) -> dict[str, Any]:
     """The batch (a ``TripletDataset`` batch's keys) of decoded rows: evaluation transform, tokenized captions.
 
-    ``stmi.data.batch.model_inputs`` turns it into ``STMI.embed`` arguments, as for an evaluation batch.
+    ``stmi.data.batch.model_inputs`` turns it into ``STMI.embed`` arguments, as for an evaluation batch. An absent
+    modality's frame is zeros and the batch carries ``presence`` ``(B, 3)``; a batch of complete rows carries no
+    ``presence`` (the model's complete path, bit-identical to a model without missing-modality support).
 
     Args:
         rows: decoded rows; all with a camera or all without.
@@ -362,18 +384,23 @@ def preprocess(rows: list[DecodedRow], transform: Any, tokenize: Any) -> dict[st
     """
     import torch
 
-    rgb, nir, tir, masks, has_mask = [], [], [], [], []
+    frames: list[list[torch.Tensor]] = [[], [], []]
+    masks, has_mask = [], []
     for r in rows:
-        (a, b, c), m = transform(r.frames, r.mask)
-        rgb.append(a)
-        nir.append(b)
-        tir.append(c)
+        present, m = transform([f for f in r.frames if f is not None], r.mask)  # eval mode: per-frame resize only
+        it = iter(present)
+        slots = [next(it) if f is not None else None for f in r.frames]
+        blank = torch.zeros_like(present[0])
+        for k, x in enumerate(slots):
+            frames[k].append(x if x is not None else blank)
         has_mask.append(m is not None)
-        masks.append(m if m is not None else torch.zeros(1, *a.shape[1:]))
+        masks.append(m if m is not None else torch.zeros(1, *present[0].shape[1:]))
     any_mask = any(has_mask)
     cams = [r.camera for r in rows]
+    presence = torch.tensor([r.presence for r in rows], dtype=torch.bool)
     return {
-        "rgb": torch.stack(rgb), "nir": torch.stack(nir), "tir": torch.stack(tir),
+        "rgb": torch.stack(frames[0]), "nir": torch.stack(frames[1]), "tir": torch.stack(frames[2]),
+        "presence": None if bool(presence.all()) else presence,
         "mask": torch.stack(masks) if any_mask else None,
         "has_mask": torch.tensor(has_mask) if any_mask else None,
         "text": tokenize([r.caption for r in rows]),

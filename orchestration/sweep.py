@@ -36,7 +36,15 @@ from orchestration import tracking
 from orchestration.demo_data import ensure_demo_dataset
 from orchestration.search_space import SearchSpace, SearchSpaceError, load_search_space
 from orchestration.settings import PlatformSettings, SettingsError
-from orchestration.train import EXPORT_DIR, EXPORT_FILE, StopHandler, check_data_root, failure_message, fit
+from orchestration.train import (
+    EXPORT_DIR,
+    EXPORT_FILE,
+    MISSING_CHOICES,
+    StopHandler,
+    check_data_root,
+    failure_message,
+    fit,
+)
 from stmi.config import DATASETS, ConfigError, STMIConfig, apply_overrides, flatten, parse_assignments
 from stmi.recipes import recipe
 
@@ -343,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", help="search_spaces/NAME.yaml, NAME, or a path (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override for every trial, repeatable: --set model.pretrained=/models/ViT-B-16.pt")
+    p.add_argument("--missing", choices=MISSING_CHOICES, help="shortcut for --set eval.missing=...: every trial's "
+                   "final test also runs the missing-modality protocols (topreid: six settings, any2any: 49, all)")
     p.add_argument("--num-samples", type=int, help="trials per dataset (Optuna); a grid runs each variant once")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA does not stop")
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ss = load_search_space(args.search_space)
-        overrides = _parse_overrides(args.overrides)
+        overrides = _parse_overrides(args.overrides + ([f"eval.missing={args.missing}"] if args.missing else []))
         for dataset in args.datasets if args.data_root else ():
             check_data_root(dataset, str(Path(args.data_root).expanduser().absolute()))
         settings = PlatformSettings.from_env(args)

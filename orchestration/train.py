@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from stmi.config import (
     ConfigError,
     STMIConfig,
     apply_overrides,
+    field_types,
     flatten,
     from_dict,
     parse_assignments,
@@ -49,6 +51,8 @@ from stmi.config import (
 if TYPE_CHECKING:
     from stmi.engine import TrainingRun
 
+MISSING_CHOICES: tuple[str, ...] = typing.get_args(field_types()["eval.missing"])
+"""``--missing`` values: those of the config field ``eval.missing``."""
 # stmi.engine (torch, open_clip) is imported where it runs, in the workers, so --help and argument errors are instant.
 log = logging.getLogger("stmi.train")
 EXPORT_DIR, EXPORT_FILE = "checkpoints", "best.pt"
@@ -116,6 +120,19 @@ def log_data_inputs(tracker: RunLogger, cfg: STMIConfig) -> None:
     tracker.log_data_fingerprints(fingerprint_dataset(splits), source=str(splits.root), name=cfg.data.dataset)
 
 
+MISSING_TABLE = "eval/missing_modalities.json"
+"""The MLflow table of the missing-modality protocols (one row per setting) a run with ``eval.missing`` logs."""
+
+
+def log_missing(tracker: RunLogger, missing: dict[str, Any]) -> None:
+    """The missing-modality results of the final test (``{protocol: {setting: result}}``) as metrics
+    ``test_missing/<protocol>/<setting>/<metric>`` and the table :data:`MISSING_TABLE`, through ``RunLogger``."""
+    from stmi.eval_missing import missing_metrics, missing_table
+
+    tracker.log_metrics(missing_metrics(missing))
+    tracker.log_table(missing_table(missing), MISSING_TABLE)
+
+
 class RayReport(Callback):
     """Every epoch: rank 0 reports its metrics with the checkpoint (through Ray's storage), other ranks without."""
 
@@ -144,7 +161,8 @@ class MlflowLog(Callback):
         self.tracker.log_metrics(metrics)
 
     def on_test_end(self, run: TrainingRun, result: dict[str, Any], weights: dict[str, Any]) -> None:
-        """Test metrics, resolved config, CMC curve, retrieval picture, exported best weights.
+        """Test metrics (and the missing-modality table, :func:`log_missing`), resolved config, CMC curve, retrieval
+        picture, exported best weights.
 
         Logged before the last epoch's checkpoint, so a crash in between redoes the epoch and logs them again.
         A failing plot never fails the run."""
@@ -153,6 +171,8 @@ class MlflowLog(Callback):
 
         cfg, loaders = run.cfg, run.loaders
         self.tracker.log_metrics({f"test_{k}": result[k] for k in ("mAP", "R1", "R5", "R10")})
+        if result.get("missing"):
+            log_missing(self.tracker, result["missing"])
         self.tracker.log_dict(to_dict(cfg), "config.json")
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -293,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, repeatable: --set model.K=8 --set optim.lr=1e-5")
     p.add_argument("--epochs", type=int, help="shortcut for --set optim.epochs=N")
+    p.add_argument("--missing", choices=MISSING_CHOICES, help="shortcut for --set eval.missing=...: the final test "
+                   "also runs TOP-ReID's missing-modality protocol (six settings), MDReID's any-to-any grid (49), or "
+                   "both, and logs a table of mAP / R1 per setting (default: the config's, none)")
     p.add_argument("--workers", type=int, default=1, help="DDP workers")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -315,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     extra_tags: dict[str, str] = {}
     try:
-        overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
+        overrides = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else []) + (
+            [f"eval.missing={args.missing}"] if args.missing else [])
         settings = PlatformSettings.from_env(args)
         if args.rerun:
             cfg, extra_tags = _rerun_config(args, settings, overrides)

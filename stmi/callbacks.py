@@ -51,7 +51,8 @@ class Callback:
 
     def on_test_end(self, run: TrainingRun, result: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
         """Main rank, last epoch, before :meth:`on_epoch_end`: the full test result (``cmc``, ``top10`` ...) of
-        the selected ``weights`` (loaded in ``run.core`` during the call)."""
+        the selected ``weights`` (loaded in ``run.core`` during the call); with ``cfg.eval.missing`` set, also
+        ``result["missing"]`` = ``{protocol: {setting: result}}`` (:func:`stmi.eval_missing.evaluate_missing`)."""
 
     def on_epoch_end(self, run: TrainingRun, end: EpochEnd) -> None:
         """Every rank, after every epoch (checkpoint with :func:`stmi.engine.save_fit_checkpoint`, report, log)."""

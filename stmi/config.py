@@ -1,7 +1,7 @@
 """Typed configuration of an STMI run.
 
-One dataclass per concern (model, data, optimisation), gathered in :class:`STMIConfig`. Named recipes
-(``stmi.recipes``) are functions returning an ``STMIConfig``; search spaces and command-line overrides are
+One dataclass per concern (model, losses, data, optimisation, final evaluation), gathered in :class:`STMIConfig`.
+Named recipes (``stmi.recipes``) are functions returning an ``STMIConfig``; search spaces and command-line overrides are
 flat dicts over dotted field names (``model.alpha_init``) applied with :func:`apply_overrides`, which
 uses ``dataclasses.replace`` and checks every name and type, so a typo fails before anything starts.
 
@@ -185,13 +185,27 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What the test at the end of a run evaluates besides the complete triplets (docs/design.md)."""
+
+    missing: Literal["none", "topreid", "any2any", "all"] = "none"
+    """Missing-modality protocols of the final test (``stmi.eval_missing``): TOP-ReID's six settings (query and
+    gallery lack the same modalities), MDReID's any-to-any grid (query and gallery each any non-empty subset, 49
+    settings), both, or none. Logged as ``test_missing/<protocol>/<setting>/<metric>`` and a table."""
+    missing_input: Literal["mask", "zero"] = "mask"
+    """How an absent modality reaches the model in those protocols: the presence mask (STMI's design), or a zero
+    frame fed as if present (how TOP-ReID's successors simulate it; a baseline)."""
+
+
+@dataclass(frozen=True)
 class STMIConfig:
-    """A whole run: model, losses, data and optimisation."""
+    """A whole run: model, losses, data, optimisation and the final evaluation."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     recipe: str = "custom"
     """Name of the recipe this config came from (recorded with every run)."""
 

@@ -7,10 +7,10 @@ The library owns the ML policy; ``orchestration.train`` only adds DDP, Ray's che
   tokenised outside the model), loaders, the data-derived ``model.num_classes`` / ``model.num_cameras``, the model
   (optionally wrapped, e.g. in DDP), optimiser and schedule -> :class:`TrainingRun`.
 - :func:`fit`: the epochs: :func:`train_one_epoch`, validation every ``optim.eval_every`` epochs and at the last,
-  selection of the best (validation mAP) weights, the test of the selected weights after the last epoch, and the
-  per-epoch :class:`Callback` hooks (checkpoint, report, log). Its state (:class:`FitState`) is saved and restored
-  exactly by :func:`save_fit_checkpoint` / :func:`load_fit_checkpoint` (the files :data:`STATE_FILE` and
-  :data:`BEST_FILE`).
+  selection of the best (validation mAP) weights, the test of the selected weights after the last epoch (with the
+  missing-modality protocols ``cfg.eval.missing`` names: :func:`evaluate_missing_split`), and the per-epoch
+  :class:`Callback` hooks (checkpoint, report, log). Its state (:class:`FitState`) is saved and restored exactly by
+  :func:`save_fit_checkpoint` / :func:`load_fit_checkpoint` (the files :data:`STATE_FILE` and :data:`BEST_FILE`).
 - :func:`export_model` / :func:`load_exported`: the exported checkpoint ``{"state_dict", "config"}`` a run
   publishes (MLflow ``checkpoints/best.pt``) and serving loads: the one writer and the one reader of that format.
 
@@ -67,7 +67,8 @@ EXPORT_KEYS = ("state_dict", "config")
 """Keys of the exported checkpoint (:func:`export_model`)."""
 __all__ = [
     "BEST_FILE", "Callback", "EpochEnd", "FitState", "STATE_FILE", "TrainingRun", "build_optimizer",
-    "build_scheduler", "build_tokenizer", "checkpoint_state", "evaluate_split", "export_model",
+    "build_scheduler", "build_tokenizer", "checkpoint_state", "evaluate_missing_split", "evaluate_split",
+    "export_model",
     "find_unused_parameters", "fit", "load_exported", "load_exported_model", "load_fit_checkpoint", "model_inputs",
     "prepare_run", "restore_state", "save_fit_checkpoint", "seed_everything", "train_one_epoch", "unwrap",
     "with_data_fields",
@@ -535,6 +536,21 @@ def evaluate_split(run: TrainingRun, split: str) -> dict[str, Any] | None:
     return evaluate_features(qf, gf, use_scenes=loaders.uses_scenes, device=run.device)
 
 
+def evaluate_missing_split(run: TrainingRun, missing: str | None = None) -> dict[str, Any]:
+    """The missing-modality protocols ``missing`` (default ``cfg.eval.missing``) on the test split, on the calling
+    rank (the main one, with the selected weights, as the test): :func:`stmi.eval_missing.evaluate_missing`.
+
+    Returns:
+        ``{protocol: {setting: result}}``; what :func:`fit` puts under ``"missing"`` in the test result.
+    """
+    from stmi.eval_missing import evaluate_missing
+
+    loaders = run.loaders
+    return evaluate_missing(run.core, loaders.query, loaders.gallery, run.device,
+                            missing=missing or run.cfg.eval.missing, use_scenes=loaders.uses_scenes,
+                            absent=run.cfg.eval.missing_input)
+
+
 def _from_main_rank(run: TrainingRun, flag: bool) -> bool:
     """The main rank's value of ``flag`` on every rank (a broadcast; gloo on CPU, NCCL on the GPU)."""
     import torch.distributed as dist
@@ -618,6 +634,8 @@ def _test_selected(run: TrainingRun, state: FitState, callbacks: Sequence[Callba
         run.core.load_state_dict(state.best_weights)
     try:
         res = evaluate_split(run, "test")
+        if run.cfg.eval.missing != "none":
+            res["missing"] = evaluate_missing_split(run)
         for cb in callbacks:
             cb.on_test_end(run, res, state.best_weights if state.best_weights is not None else run.core.state_dict())
     finally:

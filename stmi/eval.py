@@ -31,7 +31,7 @@ import torch
 from stmi.data.batch import model_inputs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 ArrayLike = Any  # numpy array, torch tensor or sequence
 
@@ -254,17 +254,32 @@ class Features:
 
 @torch.inference_mode()
 def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device | str,
-                     amp: bool = False, use_camid: bool = True) -> Features:
+                     amp: bool = False, use_camid: bool = True, presence: Sequence[bool] | None = None,
+                     absent: str = "mask") -> Features:
     """Run ``model.embed`` over an evaluation loader.
 
     Batches are the dicts of ``stmi.data.TripletDataset`` (docs/ARCHITECTURE.md): ``rgb``/``nir``/``tir``,
-    ``mask``/``has_mask``, ``text`` (only if present), ``camid``, ``pid``, ``sceneid``, ``index``. When ``index`` is
-    present the features are put back in dataset order, so row ``i`` belongs to record ``i`` whatever the sampler.
+    ``mask``/``has_mask``, ``text`` (only if present), ``camid``, ``pid``, ``sceneid``, ``index``, optionally
+    ``presence`` ``(B, 3)``. When ``index`` is present the features are put back in dataset order, so row ``i``
+    belongs to record ``i`` whatever the sampler.
 
     Args:
         amp: bf16 autocast, on CUDA only (CPU bf16 is slower and changes the numbers for nothing).
         use_camid: pass the camera id to the model (SIE at test time, as the anchors do).
+        presence: ``(rgb, nir, tir)`` booleans applied to every sample (the missing-modality protocols of
+            :mod:`stmi.eval_missing`): the frames of the absent modalities are zeroed and, with ``absent="mask"``,
+            the model gets the presence mask (combined with the batch's own ``presence``, if any). None: the batch
+            as it is.
+        absent: ``mask`` (the presence mask tells the model) or ``zero`` (the zeroed frames are fed as if present,
+            how TOP-ReID's successors simulate a missing modality; a baseline).
     """
+    if absent not in ("mask", "zero"):
+        raise ValueError(f"extract_features: absent={absent!r}, expected 'mask' or 'zero'")
+    if presence is not None:
+        presence = tuple(bool(p) for p in presence)
+        if len(presence) != 3 or not any(presence):
+            raise ValueError(f"extract_features: presence must be 3 booleans (rgb, nir, tir), at least one true; got "
+                             f"{presence}")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -273,6 +288,8 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], d
     try:
         for batch in loader:
             imgs, kw = model_inputs(batch, device, use_camid=use_camid)
+            if presence is not None:
+                imgs, kw = _with_presence(imgs, kw, presence, absent)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                                 enabled=amp and device.type == "cuda"):
                 emb = embed(*imgs, **kw)
@@ -298,6 +315,19 @@ def extract_features(model: torch.nn.Module, loader: Iterable[dict[str, Any]], d
             out = Features(feats=out.feats[torch.from_numpy(order)], pids=out.pids[order], camids=out.camids[order],
                            sceneids=out.sceneids[order])
     return out
+
+
+def _with_presence(imgs: list[torch.Tensor], kw: dict[str, Any], presence: tuple[bool, ...],
+                   absent: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The model arguments of a batch with the modalities ``presence`` marks absent removed (see
+    :func:`extract_features`)."""
+    imgs = [x if p else torch.zeros_like(x) for x, p in zip(imgs, presence)]
+    if absent == "mask" and not all(presence):
+        mask = torch.tensor(presence, dtype=torch.bool, device=imgs[0].device).expand(imgs[0].shape[0], 3)
+        if kw.get("presence") is not None:
+            mask = mask & kw["presence"].to(torch.bool)
+        kw = {**kw, "presence": mask}
+    return imgs, kw
 
 
 def pairwise_distance(qf: torch.Tensor, gf: torch.Tensor) -> torch.Tensor:
@@ -374,3 +404,17 @@ def evaluate_features(qf: Features, gf: Features, use_scenes: bool = False, max_
     if full is not None:
         res["distmat"] = full
     return res
+
+
+_MISSING_PROTOCOLS = ("evaluate_any2any", "evaluate_missing", "evaluate_topreid")
+
+
+def __getattr__(name: str) -> Any:
+    # The missing-modality protocols (TOP-ReID, MDReID any-to-any) are stmi.eval functions too; they live in
+    # stmi/eval_missing.py, which builds on extract_features and evaluate_features above (looked up on first use,
+    # so either module can be imported first).
+    if name in _MISSING_PROTOCOLS:
+        from stmi import eval_missing
+
+        return getattr(eval_missing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

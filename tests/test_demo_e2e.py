@@ -82,8 +82,9 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
                 time.sleep(1)
             answer = subprocess.run(curl_cmd, shell=True, capture_output=True, text=True, cwd=REPO, timeout=60)
             preds = json.loads(answer.stdout)["predictions"]
-            assert len(preds) == 1 and len(preds[0]) > 8
-            assert abs(sum(x * x for x in preds[0]) - 1.0) < 1e-4  # a unit-length retrieval embedding
+            assert len(preds) == 1 and preds[0]["modalities"] == ["rgb", "nir", "tir"]
+            emb = preds[0]["embedding"]
+            assert len(emb) > 8 and abs(sum(x * x for x in emb) - 1.0) < 1e-4  # a unit-length retrieval embedding
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)

@@ -43,6 +43,21 @@ def _metrics(val: float, test: float) -> dict[str, float]:
             "test_R10": test + 0.25}
 
 
+def _missing_metrics(test: float) -> dict[str, float]:
+    """What ``orchestration.train.log_missing`` logs for a run whose complete test mAP is ``test``: the names come
+    from ``stmi.eval_missing.missing_metrics`` itself, the values are known (setting i of TOP-ReID: ``test - 0.01 i``;
+    any-to-any ``q_to_g``: ``test - 0.001 (7 q + g)``)."""
+    from stmi.eval_missing import SUBSETS, any2any_settings, missing_metrics, topreid_settings
+
+    def res(v: float) -> dict[str, float]:
+        return {"mAP": v, "R1": v + 0.1, "R5": v + 0.2, "R10": v + 0.25, "mINP": v / 2}
+
+    results = {"topreid": {st.name: res(test - 0.01 * i) for i, st in enumerate(topreid_settings())},
+               "any2any": {st.name: res(test - 0.001 * (7 * SUBSETS.index(st.query) + SUBSETS.index(st.gallery)))
+                           for st in any2any_settings()}}
+    return missing_metrics(results)
+
+
 @pytest.fixture
 def sweep(mlflow_server, platform_env) -> tuple[str, object, dict]:  # noqa: ANN001
     """An ablation sweep on rgbnt201 (4 rows x 3 seeds + a running and a failed run) and an lr sweep on msvr310."""
@@ -55,8 +70,9 @@ def sweep(mlflow_server, platform_env) -> tuple[str, object, dict]:  # noqa: ANN
     for i, (variant, ov) in enumerate(ROWS.items()):
         tests = [0.30 + 0.1 * i + 0.01 * s for s in range(3)]
         for s, t in enumerate(tests):
+            extra = _missing_metrics(t) if variant == "t3_D_full" else {}  # only the champion ran eval.missing
             _run(cl, exp, p201_id, f"{variant}-s{s}", {**COMMON, **ov, "optim.seed": str(s), "train.world_size": "1"},
-                 _metrics(0.5 + 0.1 * i + 0.02 * s, t), variant=variant)
+                 {**_metrics(0.5 + 0.1 * i + 0.02 * s, t), **extra}, variant=variant)
         expect["t3"][variant] = tests
     # seed 3 of the full model still running (a huge metric that must not be averaged in); one failed run
     _run(cl, exp, p201_id, "t3_D_full-s3", {**COMMON, **ROWS["t3_D_full"], "optim.seed": "3"},
@@ -95,6 +111,20 @@ def test_report_tables_equal_the_runs(sweep, tmp_path: Path) -> None:  # noqa: A
     champ = tables["rgbnt201/champion"]["numbers"]["champion"]
     assert champ["label"] == "t3_D_full" and champ["seeds"] == ["0", "1", "2"]  # the running seed 3 is not in
 
+    # The champion's missing-modality table: TOP-ReID's six in TEST.MISS order and their mean, then any-to-any.
+    miss = tables["rgbnt201/missing"]
+    settings = [(r[0], r[1]) for r in miss["rows"]]
+    assert settings[:7] == [("topreid", n) for n in ("NT", "RT", "RN", "T", "N", "R", "mean")]
+    assert len(settings) == 7 + 49
+    assert settings[7] == ("any2any", "RNT_to_RNT") and settings[-1] == ("any2any", "T_to_T")
+    full = expect["t3"]["t3_D_full"]
+    got = miss["numbers"]["topreid/RN"]["mAP"]  # TEST.MISS t: the third setting, test - 0.02
+    assert got["n"] == 3 and got["mean"] == pytest.approx(statistics.fmean(full) - 0.02)
+    assert got["std"] == pytest.approx(statistics.stdev(full))
+    assert miss["numbers"]["topreid/mean"]["mAP"]["mean"] == pytest.approx(statistics.fmean(full) - 0.025)
+    assert miss["numbers"]["any2any/RN_to_T"]["R1"]["mean"] == pytest.approx(statistics.fmean(full) - 0.013 + 0.1)
+    assert ["any2any", "NT_to_R", "NT", "R"] == miss["rows"][settings.index(("any2any", "NT_to_R"))][:4]
+    assert "msvr310/missing" not in tables  # its runs did not run eval.missing
     msvr = tables["msvr310/champion"]["numbers"]["champion"]
     assert "lr=0.0003" in msvr["label"], msvr
     assert msvr["test_mAP"]["mean"] == pytest.approx(statistics.fmean(expect["msvr"]))
@@ -102,6 +132,7 @@ def test_report_tables_equal_the_runs(sweep, tmp_path: Path) -> None:  # noqa: A
     assert "rgbnt201/table3" in tables and "msvr310/table3" not in tables  # one configuration row is no ablation
 
     md = paths["markdown"].read_text()
+    assert "with missing modalities" in md and "| topreid | mean | - | - |" in md
     assert "+SFM+STR+CHI" in md and "81.2" in md and "IDEA" in md and "selected on test" in md
     assert f"{100 * statistics.fmean(expect['t3']['t3_B_sfm']):.1f} ± " in md
     assert "t3_D_full-s3 (RUNNING)" in md and "t3_A_baseline-s9 (FAILED)" in md
@@ -111,7 +142,8 @@ def test_report_tables_equal_the_runs(sweep, tmp_path: Path) -> None:  # noqa: A
     for dataset, pid in expect["parents"].items():
         files = {a.path for a in cl.list_artifacts(pid, "report")}
         assert {"report/report.md", "report/report.html", "report/report.png", "report/champion.json"} <= files
-    assert "report/table3.json" in {a.path for a in cl.list_artifacts(expect["parents"]["rgbnt201"], "report")}
+    assert {"report/table3.json", "report/missing.json"} <= {
+        a.path for a in cl.list_artifacts(expect["parents"]["rgbnt201"], "report")}
     local = cl.download_artifacts(expect["parents"]["rgbnt201"], "report/table3.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
     assert "+SFM" in json.dumps(table) and "76.1" in json.dumps(table)

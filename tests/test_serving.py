@@ -2,8 +2,9 @@
 
 The integration test logs a tiny model's exported checkpoint through a real MLflow server (S3 artifacts) with
 ``orchestration.registry``, registers it as ``stmi-testds@champion``, serves it with the real CLI, and checks that
-the served embedding equals ``STMI.embed`` on the same preprocessed input, that every malformed request gets a
-one-line 400, and that the server stays up.
+the served embedding equals ``STMI.embed`` on the same preprocessed input (for rows with every non-empty subset of
+rgb / nir / tir: ``STMI.embed`` with the row's presence mask), that every malformed request (a row with no modality
+among them) gets a one-line 400, and that the server stays up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from orchestration import registry, serving
 from orchestration.serving import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
+    MODALITIES,
     ServingInputError,
     decode_image,
     encode_image,
@@ -78,14 +80,22 @@ def _good_rows() -> list[dict[str, Any]]:
 
 
 def _reference_embedding(model: Any, row: dict[str, Any]) -> torch.Tensor:
-    """``STMI.embed`` of one row, decoded and preprocessed here exactly as evaluation does (not via serving)."""
+    """``STMI.embed`` of one row, decoded and preprocessed here exactly as evaluation does (not via serving); a row
+    without some of rgb/nir/tir is embedded with its presence mask, the absent frames being random noise (which
+    the model must ignore)."""
     def img(key: str) -> Image.Image:
         return Image.open(io.BytesIO(base64.b64decode(row[key])))
 
     tf = PairedTransform(IMAGE_SIZE, train=False)
     mask = img("mask") if "mask" in row else None
-    (rgb, nir, tir), m = tf([img("rgb"), img("nir"), img("tir")], mask)
+    present = [m for m in MODALITIES if m in row]
+    frames, m = tf([img(k) for k in present], mask)
+    by_name = dict(zip(present, frames))
+    g = torch.Generator().manual_seed(5)
+    rgb, nir, tir = (by_name.get(k, torch.randn(3, *IMAGE_SIZE, generator=g)) for k in MODALITIES)
     kwargs: dict[str, Any] = {"text": model.tokenize([row.get("caption", "")])}
+    if len(present) < 3:
+        kwargs["presence"] = torch.tensor([[k in row for k in MODALITIES]])
     if m is not None:
         kwargs["mask"] = m[None]
         kwargs["has_mask"] = torch.tensor([True])
@@ -110,8 +120,43 @@ def test_parse_rows_accepts_the_documented_modes_and_fields() -> None:
     assert decode_image(wrapped, "x", ("RGB",)).size == (32, 64)
 
 
+@pytest.mark.parametrize("subset", ["RNT", "RN", "RT", "NT", "R", "N", "T"])
+def test_rows_with_any_nonempty_subset_are_accepted(subset: str) -> None:
+    row = _subset_row(_good_rows()[0], subset)
+    (parsed,) = parse_rows([row], NUM_CAMERAS)
+    assert parsed.modalities == [m for m, c in zip(MODALITIES, "RNT") if c in subset]
+    assert parsed.presence == tuple(c in subset for c in "RNT")
+    assert [f is not None for f in parsed.frames] == list(parsed.presence)
+
+
+def _subset_row(row: dict[str, Any], subset: str) -> dict[str, Any]:
+    """``row`` with only the modalities of ``subset`` (letters R, N, T)."""
+    return {k: v for k, v in row.items() if k not in MODALITIES or "RNT"[MODALITIES.index(k)] in subset}
+
+
+def test_in_process_pyfunc_embeds_partial_rows_like_the_model(tmp_path: Path) -> None:
+    """``STMIServingModel.predict`` on a batch mixing complete and partial rows (with and without camera) equals
+    ``model.embed(..., presence=...)`` row by row, and says which modalities each row used."""
+    import mlflow.pyfunc
+
+    model = _build_tiny_checkpoint(tmp_path / "best.pt")
+    pyfunc = serving.STMIServingModel()
+    pyfunc.load_context(mlflow.pyfunc.PythonModelContext(artifacts={serving.CHECKPOINT_ARTIFACT: str(
+        tmp_path / "best.pt")}, model_config={}))
+    a, b = _good_rows()
+    rows = [a, _subset_row(a, "RT"), _subset_row(b, "N"), b, _subset_row(a, "NT")]
+    out = pyfunc.predict(None, rows)
+    assert [o["modalities"] for o in out] == [["rgb", "nir", "tir"], ["rgb", "tir"], ["nir"], ["rgb", "nir", "tir"],
+                                              ["nir", "tir"]]
+    served = torch.tensor([o["embedding"] for o in out])
+    expected = torch.stack([_reference_embedding(model, r) for r in rows])
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+    assert (served[0] - served[1]).abs().max() > 1e-3 and (served[0] - served[4]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda r: r.pop("tir"), "missing modality tir"),
+    (lambda r: [r.pop(m) for m in MODALITIES], "has no modality"),
+    (lambda r: r.update(tir=None, rgb=None, nir=None), "has no modality"),
     (lambda r: r.update(rgb=123), "'rgb' must be a base64 string"),
     (lambda r: r.update(nir="@@not*base64@@"), "'nir' is not valid base64"),
     (lambda r: r.update(rgb=_b64(b"GIF89a this is not a jpeg or png at all")), "'rgb' is not a JPEG or PNG"),
@@ -234,7 +279,7 @@ def _malformed_requests() -> list[tuple[str, bytes | str, str]]:
         ("no inputs key", json.dumps({"dataframe_records": good}), "no 'inputs' key"),
         ("no rows", json.dumps({"inputs": []}), "no rows"),
         ("inputs not a list", json.dumps({"inputs": "abc"}), "must be a list of rows"),
-        ("missing modality", rows(tir=None), "row 1 is missing modality tir"),
+        ("no modality", json.dumps({"inputs": [good[0], {"caption": "no frames at all"}]}), "row 1 has no modality"),
         ("rgb is a number", rows(rgb=123), "'rgb' must be a base64 string"),
         ("bad base64", rows(nir="%%%not-base64%%%"), "'nir' is not valid base64"),
         ("not an image", rows(tir=_b64(b"hello, I am not an image" * 4)), "'tir' is not a JPEG or PNG"),
@@ -304,7 +349,8 @@ def test_mlflow_models_serve_registered_champion(mlflow_server: Any, platform_en
         rows = _good_rows()
         status, body, text = _post(f"{base}/invocations", json.dumps({"inputs": rows}))
         assert status == 200, text
-        served = torch.tensor(body["predictions"])
+        assert [p["modalities"] for p in body["predictions"]] == [list(MODALITIES)] * 2
+        served = torch.tensor([p["embedding"] for p in body["predictions"]])
         assert served.shape == (2, model.embedding_dim)
         expected = torch.stack([_reference_embedding(model, r) for r in rows])
         torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
@@ -322,7 +368,23 @@ def test_mlflow_models_serve_registered_champion(mlflow_server: Any, platform_en
 
         status, body, text = _post(f"{base}/invocations", json.dumps({"inputs": rows[1:]}))
         assert status == 200, text
-        torch.testing.assert_close(torch.tensor(body["predictions"][0]), expected[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(body["predictions"][0]["embedding"]), expected[1], atol=1e-5, rtol=0)
+
+        # Every non-empty modality subset, one request each (a row with none got its 400 above): the served
+        # embedding is the in-process model.embed with the row's presence mask, and the answer names the subset.
+        complete = {}
+        for subset in ("RNT", "RN", "RT", "NT", "R", "N", "T"):
+            partial = [_subset_row(r, subset) for r in rows]
+            status, body, text = _post(f"{base}/invocations", json.dumps({"inputs": partial}))
+            assert status == 200, f"{subset}: {text[:300]}"
+            names = [m for m, c in zip(MODALITIES, "RNT") if c in subset]
+            assert [p["modalities"] for p in body["predictions"]] == [names, names], subset
+            got = torch.tensor([p["embedding"] for p in body["predictions"]])
+            want = torch.stack([_reference_embedding(model, r) for r in partial])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m, s=subset: f"{s}: {m}")
+            torch.testing.assert_close(got.norm(dim=1), torch.ones(2), atol=1e-5, rtol=0)
+            complete[subset] = got
+        assert all((complete[s] - complete["RNT"]).abs().max() > 1e-3 for s in complete if s != "RNT")
         assert "Traceback" not in log_path.read_text(errors="replace"), "the server logged an unhandled error"
     finally:
         try:

@@ -6,6 +6,7 @@ Each test runs ``python -m orchestration.train`` against the test Ray head (``RA
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,8 +49,8 @@ def _run_for(client, experiment: str, name: str):
 def test_ddp_training_logs_to_mlflow_and_s3(ray_cluster, mlflow_server, synth_root: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    proc = subprocess.run(_train_cmd("ddp-ok", synth_root, epochs=4), env=_env(ray_cluster), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*_train_cmd("ddp-ok", synth_root, epochs=4), "--missing", "all"], env=_env(ray_cluster),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(mlflow_server.tracking_uri)
     run = _run_for(client, "stmi-train-test", "ddp-ok")
@@ -65,6 +66,15 @@ def test_ddp_training_logs_to_mlflow_and_s3(ray_cluster, mlflow_server, synth_ro
         assert 0.0 <= m[key] <= 1.0
     assert m["best_val_mAP"] >= m["untrained_val_mAP"] + 0.1, m  # learnt: well above the untrained model
     assert any(k.startswith("system/") for k in m), "system metrics were not logged"
+    # --missing all: the final test also ran TOP-ReID's six settings and MDReID's 49, logged as metrics and a table
+    assert params["eval.missing"] == "all"
+    missing = {k for k in m if k.startswith("test_missing/")}
+    assert len(missing) == (6 + 1 + 49) * 5, len(missing)
+    assert m["test_missing/any2any/RNT_to_RNT/mAP"] == pytest.approx(m["test_mAP"], abs=1e-6)  # the complete test
+    assert m["test_missing/topreid/NT/mAP"] == m["test_missing/any2any/NT_to_NT/mAP"]
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/missing_modalities.json",
+                                                      str(synth_root.parent))).read_text())
+    assert len(table["data"]) == 56 and table["columns"][:5] == ["protocol", "setting", "miss", "query", "gallery"]
 
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "plots", "checkpoints"} <= artifacts

@@ -78,7 +78,8 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
                   f"  curl -s http://127.0.0.1:{serve_port}/invocations -H 'Content-Type: application/json' "
                   f"--data @{request}",
                   "", "The request holds one query triplet of the demo data (rgb/nir/tir/mask as base64, caption, "
-                      "camera); the answer is {\"predictions\": [[...embedding...]]}."]
+                      "camera); the answer is {\"predictions\": [{\"embedding\": [...], \"modalities\": "
+                      "[\"rgb\", \"nir\", \"tir\"]}]}; a row may leave out one or two of rgb, nir, tir."]
     lines += ["", "Stop everything: make down", "=" * 100]
     return "\n".join(lines)
 
