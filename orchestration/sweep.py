@@ -658,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             seeds = selection.seed_list(base_seed(spec), n_seeds)
             trials = args.num_samples if ss.kind == "optuna" else len(ss.variants) * n_seeds
             print(f"[{dataset}] {trials} trial(s)" + (f" ({len(ss.variants)} variants x seeds "
-                                                      f"{', '.join(map(str, seeds))})" if n_seeds > 1 else "")
+                                                      f"{', '.join(map(str, seeds))})"
+                                                      if ss.kind == "grid" and n_seeds > 1 else "")
                   + f", up to {max_epochs} epochs each, {max_concurrent} at a time", flush=True)
             tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume,
                                 seeds=seeds if ss.kind == "grid" else None)
