@@ -172,14 +172,15 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
 
     ss = spec.space
     param_space: dict[str, Any] = {"_sweep": dataclasses.asdict(spec)}
+    if ss.kind == "grid":  # the whole space before a restore: Tune checks that its keys are the stored ones
+        param_space["variant"] = ray.tune.grid_search(list(ss.variants))
+        if seeds and len(seeds) > 1:
+            param_space["seed"] = ray.tune.grid_search(list(seeds))
     restored = _restore(spec, spec.dataset, param_space, resume)
     if restored is not None:
         return restored
     scheduler = None
     if ss.kind == "grid":
-        param_space["variant"] = ray.tune.grid_search(list(ss.variants))
-        if seeds and len(seeds) > 1:
-            param_space["seed"] = ray.tune.grid_search(list(seeds))
         search_alg = None
         num_samples = 1
     else:
