@@ -881,11 +881,6 @@ class RayHead(Service):
         env = {k: v for k, v in self.config.env().items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(JOB_STOP_WAIT_S)
-        # This head's own GCS for its workers: Ray Train's PlacementGroupCleaner (a detached actor that removes a
-        # finished run's placement group) asks the state API for "the" cluster without an address, which fails with
-        # "Found multiple active Ray instances" when another stack or test session runs on the machine; the finished
-        # trials' CPUs then stay reserved and the next Tune experiment of the sweep waits for them forever.
-        env["RAY_ADDRESS"] = self.config.ray_address
         # Ray's Prometheus exporter listens on 0.0.0.0 (it binds loopback only when the node IP is loopback, and
         # Ray picks the machine's IP whatever --node-ip-address says) and answers without the token. Nothing
         # scrapes it locally: off. (The dashboard, the job and state APIs and MLflow's system metrics remain.)
@@ -897,10 +892,18 @@ class RayHead(Service):
         return {"Authorization": f"Bearer {self.config.ray_token}"}
 
     def child_env(self) -> dict[str, str]:
-        """Without the caller's RAY_ADDRESS: it may point at another cluster and jobs get theirs from Ray."""
+        """Without the caller's RAY_ADDRESS: it may point at another cluster and jobs get theirs from Ray.
+
+        With this head's own API server as ``RAY_API_SERVER_ADDRESS`` instead: Ray Train's PlacementGroupCleaner
+        (a detached actor that removes a finished run's placement group) asks the state API for "the" cluster
+        without an address, which fails with "Found multiple active Ray instances" when another stack or test
+        session runs on the machine; the finished trials' CPUs then stay reserved and the sweep's next Tune
+        experiment (its confirmation, the next dataset) waits for them forever. The state API reads this variable
+        first; the node's processes inherit it.
+        """
         env = super().child_env()
         env.pop("RAY_ADDRESS", None)
-        env.pop("RAY_API_SERVER_ADDRESS", None)
+        env["RAY_API_SERVER_ADDRESS"] = self.config.dashboard_url
         return env
 
     def health(self) -> str | None:
