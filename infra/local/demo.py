@@ -1,8 +1,9 @@
 """``make demo``: the stack up, the demo sweep submitted with ``ray job submit``, and a report.
 
 The report says where to look (MLflow UI), what won (per dataset the registered trial with its metrics, the
-champion configuration's mean ± std over its confirmation seeds, the registered version) and how to use it: the exact ``mlflow models serve`` and ``curl`` commands, with a request file built
-from a real query triplet of the demo data, written under ``<state dir>/demo/``.
+champion configuration's mean ± std over its seeds when the sweep compared seeds, the registered version) and how
+to use it: the exact ``mlflow models serve`` and ``curl`` commands, with a request file built from a real query
+triplet of the demo data, written under ``<state dir>/demo/``.
 """
 
 from __future__ import annotations
