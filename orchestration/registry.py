@@ -101,12 +101,14 @@ def log_model(checkpoint_path: str | Path, logger: RunLogger, name: str = "model
 
 
 def register_champion(checkpoint_path: str | Path, dataset: str, logger: RunLogger,
-                      source_run_id: str | None = None) -> Champion:
+                      source_run_id: str | None = None, selection: str = "") -> Champion:
     """Log the checkpoint as the pyfunc ``champion`` in ``logger``'s run, register it as ``stmi-<dataset>``, move
     the ``champion`` alias to the new version and tag the run with it.
 
     Args:
         source_run_id: the run that trained the weights (a sweep's best trial), recorded as a tag.
+        selection: how the weights were chosen (e.g. the configuration's mean over seeds), appended to the
+            version's description.
     """
     info = log_model(checkpoint_path, logger, name=ALIAS)
     name = registered_name(dataset)
@@ -116,7 +118,7 @@ def register_champion(checkpoint_path: str | Path, dataset: str, logger: RunLogg
         tags["stmi.champion_trial_run"] = source_run_id
     logger.set_tags(tags)
     vtags, description = version_facts(logger, source_run_id or logger.run_id, dataset)
-    logger.describe_model_version(name, version, vtags, description)
+    logger.describe_model_version(name, version, vtags, f"{description} {selection}".strip())
     return Champion(name=name, version=version, model=info)
 
 
@@ -130,7 +132,8 @@ def version_facts(logger: RunLogger, trained_run_id: str, dataset: str) -> tuple
     run = logger.client.get_run(trained_run_id)
     m, t = run.data.metrics, run.data.tags
     tags: dict[str, Any] = {f"metric.{k}": m[k] for k in VERSION_METRICS if k in m}
-    tags.update({k: v for k, v in t.items() if k.startswith(("stmi.data.fingerprint.", "stmi.code."))})
+    tags.update({k: v for k, v in t.items() if k.startswith(("stmi.data.fingerprint.", "stmi.code."))
+                 or k in ("stmi.seed", "stmi.confirm_of", "stmi.variant")})
     tags.update({"stmi.dataset": dataset, "stmi.trained_run": trained_run_id, "stmi.sweep": t.get("stmi.sweep", ""),
                  "stmi.trial": t.get("stmi.trial_id", t.get("mlflow.runName", ""))})
 

@@ -8,8 +8,12 @@ and the metrics ``best_val_mAP``, ``test_mAP``, ``test_R1``, ``test_R5``, ``test
   (and without the run's placement, ``train.*``), so the seeds of one configuration are averaged: mean +- sample
   std over the FINISHED runs that have the metric, with ``n`` beside. Runs still RUNNING, FAILED, or KILLED (stopped
   early by the scheduler, no test metric) are listed with their status and never averaged in.
+- **Confirmed configurations** (``sweep.py --confirm-top``): a configuration re-run with new seeds (runs tagged
+  ``stmi.confirm_of``) is averaged over those runs only; its search trial is listed, not averaged in (it was picked
+  for its own value, so it would bias the mean upwards).
 - **Champion per dataset**: the configuration with the best MEAN validation mAP (``best_val_mAP``; model selection
-  never looks at the test set); its test mAP / R1 / R5 / R10 beside the STMI paper's and the anchors' published
+  never looks at the test set), among the confirmed configurations when there are any (as the sweep chose); its
+  test mAP / R1 / R5 / R10 beside the STMI paper's and the anchors' published
   figures (which were selected on the test set: marked so).
 - **Ablation tables** (a sweep whose configurations cover at least two rows of a table): tables 3, 4 and 5 with
   the paper's row names (baseline / +SFM / +SFM+STR / +SFM+STR+CHI; concat / MLP / MHSA / CHI; the SFM sharing and
@@ -48,6 +52,7 @@ IGNORED_PREFIXES = ("train.",)
 AVERAGED_STATUS = "FINISHED"
 MISSING_PREFIX = "test_missing"
 """Prefix of the missing-modality metrics (``stmi.eval_missing.missing_metrics``; not imported: it imports torch)."""
+CONFIRM_TAG = "stmi.confirm_of"
 
 
 class ReportError(RuntimeError):
@@ -88,8 +93,16 @@ class Group:
     runs: list[Any] = field(default_factory=list)
 
     @property
+    def confirmed(self) -> bool:
+        """Re-run by a confirmation (``sweep.py --confirm-top``): some of its runs carry ``stmi.confirm_of``."""
+        return any(r.data.tags.get(CONFIRM_TAG) for r in self.runs)
+
+    @property
     def averaged(self) -> list[Any]:
-        return [r for r in self.runs if r.info.status == AVERAGED_STATUS and SELECTION_METRIC in r.data.metrics]
+        """The runs the means are over: FINISHED with the selection metric; for a confirmed configuration only its
+        confirmation runs (the search trial was selected on its own value, which would bias the mean up)."""
+        return [r for r in self.runs if r.info.status == AVERAGED_STATUS and SELECTION_METRIC in r.data.metrics
+                and (not self.confirmed or r.data.tags.get(CONFIRM_TAG))]
 
     @property
     def excluded(self) -> list[Any]:
@@ -160,8 +173,12 @@ def group_runs(children: Sequence[Any]) -> list[Group]:
 
 
 def champion(groups: Sequence[Group]) -> Group | None:
-    """The configuration with the best mean validation mAP over its averaged seeds."""
+    """The configuration with the best mean validation mAP over its averaged seeds; when the sweep confirmed some
+    configurations (``--confirm-top``), only among those, as the sweep chose (a single search trial does not
+    compete with configurations measured over seeds)."""
     scored = [g for g in groups if g.stat(SELECTION_METRIC).n]
+    if any(g.confirmed for g in scored):
+        scored = [g for g in scored if g.confirmed]
     return max(scored, key=lambda g: g.stat(SELECTION_METRIC).mean) if scored else None
 
 
@@ -211,7 +228,7 @@ def _row(label: str, group: Group | None, extra: Sequence[str] = ()) -> list[str
 def _status_note(group: Group) -> str:
     counts: dict[str, int] = {}
     for r in group.excluded:
-        status = r.info.status if r.info.status != "FINISHED" else "FINISHED without metrics"
+        status = r.info.status if r.info.status != "FINISHED" else f"FINISHED, {_finished_note(group, r)}"
         counts[status] = counts.get(status, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
@@ -246,6 +263,13 @@ def missing_rows(group: Group) -> list[tuple[list[str], dict[str, Any]]]:
         out.append(([protocol, setting, q, g, stats["mAP"].fmt(), stats["R1"].fmt(), str(stats["mAP"].n)],
                     {m: {"mean": st.mean, "std": st.std, "n": st.n} for m, st in stats.items()}))
     return out
+
+
+def _finished_note(group: Group, run: Any) -> str:
+    """Why a FINISHED run is not averaged in."""
+    if group.confirmed and SELECTION_METRIC in run.data.metrics:
+        return "search trial, selected on its own value: its confirmation seeds are averaged instead"
+    return f"no {SELECTION_METRIC}"
 
 
 def build_tables(groups_by_dataset: dict[str, list[Group]]) -> dict[str, Any]:
@@ -433,7 +457,7 @@ def build_report(sweep: str, out_dir: str | Path, client: Any = None, log_to_par
     groups = {datasets[pid]: group_runs(children.get(pid, [])) for pid in sorted(parents, key=datasets.get)}
     tables = build_tables(groups)
     excluded = [f"{ds}: {r.info.run_name} ({r.info.status}"
-                f"{', no ' + SELECTION_METRIC if r.info.status == AVERAGED_STATUS else ''})"
+                f"{', ' + _finished_note(g, r) if r.info.status == AVERAGED_STATUS else ''})"
                 for ds, gs in groups.items() for g in gs for r in g.excluded]
 
     out = Path(out_dir)

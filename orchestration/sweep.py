@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestration import tracking
+from orchestration import selection, tracking
 from orchestration.demo_data import ensure_demo_dataset
 from orchestration.search_space import SearchSpace, SearchSpaceError, load_search_space
 from orchestration.settings import PlatformSettings, SettingsError
@@ -50,13 +51,21 @@ from stmi.recipes import recipe
 
 log = logging.getLogger("stmi.sweep")
 
+GRID_SEEDS = 1
+"""Seeds per grid variant unless ``--seeds`` says otherwise (each variant once, with the recipe's seed)."""
+CONFIRM_SEEDS = 3
+"""Seeds per confirmed configuration unless ``--seeds`` says otherwise."""
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"recipe": "demo", "search_space": "demo", "num_samples": 2, "max_epochs": 3, "workers_per_trial": 1,
-             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 1},
+             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 1, "confirm_top": 0, "confirm_seeds": 2},
     "paper": {"recipe": "paper", "search_space": "paper", "num_samples": 24, "max_epochs": None,
-              "workers_per_trial": 1, "cpus_per_worker": "node", "gpus_per_worker": 1.0, "grace_period": 10},
+              "workers_per_trial": 1, "cpus_per_worker": "node", "gpus_per_worker": 1.0, "grace_period": 10,
+              "confirm_top": 3, "confirm_seeds": CONFIRM_SEEDS},
 }
-"""``cpus_per_worker: "node"``: CPUs per training worker and ``data.num_workers`` from the cluster's GPU nodes
+"""``confirm_top`` / ``confirm_seeds``: the Optuna confirmation's defaults (``--confirm-top``, ``--seeds``). The demo
+leaves it off to stay near 5 minutes on 2 CPUs (``--confirm-top 1`` adds about 70 s per dataset there: measured 502 s
+for the whole demo with it; about 290 s without, derived from the same run).
+``cpus_per_worker: "node"``: CPUs per training worker and ``data.num_workers`` from the cluster's GPU nodes
 (:func:`node_loader_plan`) unless ``--cpus-per-worker`` / ``--set data.num_workers=...`` say otherwise."""
 MAX_LOADER_WORKERS = 8
 TRIAL_DRIVER_CPUS = 0.1
@@ -95,11 +104,28 @@ class SweepSpec:
 
 
 # --------------------------------------------------------------------------------------------------- trial level
+def trial_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The config overrides that make one trial what it is: the space's fixed values, then the variant (grid), the
+    sampled values (Optuna) or the values of the search trial a confirmation re-runs; then its seed, if it has one
+    (grid seeds and confirmations: ``config["seed"]``, the value of ``optim.seed``)."""
+    values = config["_confirm"][config["confirm_of"]] if config.get("confirm_of") else config
+    out = spec.space.trial_overrides(values)
+    if config.get("seed") is not None:
+        out["optim.seed"] = int(config["seed"])
+    return out
+
+
 def trial_config(spec: SweepSpec, config: dict[str, Any]) -> STMIConfig:
-    """The resolved config of one trial: recipe, data root, epochs, the space's fixed values, the trial's values."""
+    """The resolved config of one trial: recipe, data root, epochs, ``--set``, then :func:`trial_values`."""
     overrides = {"data.root": spec.data_root, "optim.epochs": spec.max_epochs, **spec.overrides,
-                 **spec.space.trial_overrides(config)}
+                 **trial_values(spec, config)}
     return apply_overrides(recipe(spec.recipe, spec.dataset), overrides)
+
+
+def base_seed(spec: SweepSpec) -> int:
+    """The seed every trial of the sweep has unless it is seeded: the recipe's ``optim.seed`` after ``--set`` and
+    the space's ``fixed`` values (1111 in both recipes). ``--seeds`` counts up from it."""
+    return apply_overrides(recipe(spec.recipe, spec.dataset), {**spec.overrides, **spec.space.fixed}).optim.seed
 
 
 def train_driver(config: dict[str, Any]) -> None:
@@ -113,21 +139,28 @@ def train_driver(config: dict[str, Any]) -> None:
     cfg = trial_config(spec, config)
     settings = spec.platform()
     cl = tracking.client(settings.tracking_uri)
-    label = config.get("variant") or trial_id
-    run_id = tracking.get_or_create_run(
-        cl, spec.experiment_id, f"sweep/{spec.name}/{spec.dataset}/{trial_id}", f"{spec.dataset}-{label}",
-        parent_run_id=spec.parent_run_id,
-        tags={"stmi.sweep": spec.name, "stmi.dataset": spec.dataset, "stmi.trial_id": trial_id,
-              **({"stmi.variant": config["variant"]} if config.get("variant") else {})})
+    confirm_of = config.get("confirm_of")
+    label = confirm_of or config.get("variant") or trial_id
+    if config.get("seed") is not None:  # seeded trials (grid --seeds > 1, confirmations): the seed in the name
+        label = f"{label}-s{cfg.optim.seed}"
+    tags = {"stmi.sweep": spec.name, "stmi.dataset": spec.dataset, "stmi.trial_id": trial_id,
+            "stmi.seed": str(cfg.optim.seed),
+            **({"stmi.variant": config["variant"]} if config.get("variant") else {}),
+            **({"stmi.confirm_of": confirm_of, "stmi.role": "confirm"} if confirm_of else {})}
+    # A confirmation is a trial of another Tune experiment: its own key, so its run never meets a search trial's.
+    key = f"sweep/{spec.name}/{spec.dataset}/{'confirm/' if confirm_of else ''}{trial_id}"
+    run_id = tracking.get_or_create_run(cl, spec.experiment_id, key, f"{spec.dataset}-{label}",
+                                        parent_run_id=spec.parent_run_id, tags=tags)
     logger = tracking.RunLogger(run_id, settings.tracking_uri)
     starts = int(logger.tags().get("stmi.driver_starts", "0")) + 1
     logger.set_tags({"stmi.driver_starts": starts})  # > 1: the trial was resumed (never for finished trials)
     # The trial's own values now (visible even if it is stopped before a worker starts); the workers add the rest
     # of the resolved config, with what the data decides (num_classes, num_cameras).
     flat = flatten(cfg)
-    logger.log_params({k: flat[k] for k in spec.space.trial_overrides(config)})
+    logger.log_params({k: flat[k] for k in trial_values(spec, config)})
+    train_name = f"{spec.name}-{spec.dataset}-{'confirm-' if confirm_of else ''}{trial_id}"
     try:
-        fit(cfg, f"{spec.name}-{spec.dataset}-{trial_id}", settings=settings, run_id=run_id, workers=spec.workers,
+        fit(cfg, train_name, settings=settings, run_id=run_id, workers=spec.workers,
             cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
             max_failures=spec.max_failures, callbacks=[TuneReportCallback()])
     except ray.train.TrainingFailedError as e:
@@ -138,29 +171,31 @@ def train_driver(config: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------------- sweep level
 def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_period: int, seed: int,
-                resume: bool) -> Any:
-    """The Tune experiment of one dataset: Optuna (or a grid) + ASHA on the validation metric."""
+                resume: bool, seeds: list[int] | None = None) -> Any:
+    """The Tune experiment of one dataset: Optuna + ASHA on the validation metric, or a grid.
+
+    A grid runs every variant to the end (no ASHA: each is a row of a table, and a row needs its full budget), with
+    every seed of ``seeds`` when there are more than one (``optim.seed`` per trial; one seed: the recipe's).
+    """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     ss = spec.space
-    settings = spec.platform()
-    trainable = ray.tune.with_resources(train_driver, {"CPU": TRIAL_DRIVER_CPUS})
-    storage_path = f"{settings.ray_storage_path}/sweeps/{spec.name}"
-    fs = settings.storage_filesystem()
-    exp_path = f"{storage_path}/{spec.dataset}"
     param_space: dict[str, Any] = {"_sweep": dataclasses.asdict(spec)}
-    if resume and ray.tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        print(f"[{spec.dataset}] resuming the Tune experiment at s3://{exp_path}", flush=True)
-        return ray.tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
-                                      param_space=param_space, storage_filesystem=fs)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
-                              grace_period=min(grace_period, spec.max_epochs), reduction_factor=2)
-    if ss.kind == "grid":
+    if ss.kind == "grid":  # the whole space before a restore: Tune checks that its keys are the stored ones
         param_space["variant"] = ray.tune.grid_search(list(ss.variants))
+        if seeds and len(seeds) > 1:
+            param_space["seed"] = ray.tune.grid_search(list(seeds))
+    restored = _restore(spec, spec.dataset, param_space, resume)
+    if restored is not None:
+        return restored
+    scheduler = None
+    if ss.kind == "grid":
         search_alg = None
         num_samples = 1
     else:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+                                  grace_period=min(grace_period, spec.max_epochs), reduction_factor=2)
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
@@ -168,17 +203,70 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
         search_alg = OptunaSearch(space=ss.optuna_distributions(), metric=ss.metric, mode=ss.mode,
                                   points_to_evaluate=start, sampler=TPESampler(seed=seed),
                                   study_name=f"{spec.name}-{spec.dataset}")
+    columns = {k: k.split(".")[-1] for k in ss.params} if ss.kind == "optuna" else {"variant": "variant"}
+    if "seed" in param_space:
+        columns["seed"] = "seed"
+    return _tuner(spec, spec.dataset, param_space, columns, search_alg, scheduler, num_samples, max_concurrent)
+
+
+def build_confirm_tuner(spec: SweepSpec, top: list[dict[str, Any]], seeds: list[int], max_concurrent: int,
+                        resume: bool) -> Any:
+    """The confirmation of one dataset's Optuna search: each configuration of ``top`` (search trial rows, see
+    :func:`trial_rows`) trained again with every seed of ``seeds``, to the end (no ASHA, no search algorithm).
+
+    Its own Tune experiment (``<dataset>-confirm`` beside the search's), so ``--resume`` continues it the same way.
+    Each trial's config holds ``confirm_of`` (the search trial) and ``seed``; the values come from ``_confirm``.
+    """
+    import ray.tune
+
+    ss = spec.space
+    param_space: dict[str, Any] = {
+        "_sweep": dataclasses.asdict(spec),
+        "_confirm": {r["trial_id"]: {k: r[k] for k in ss.params} for r in top},
+        "confirm_of": ray.tune.grid_search([r["trial_id"] for r in top]),
+        "seed": ray.tune.grid_search(list(seeds)),
+    }
+    restored = _restore(spec, f"{spec.dataset}-confirm", param_space, resume)
+    if restored is not None:
+        return restored
+    return _tuner(spec, f"{spec.dataset}-confirm", param_space, {"confirm_of": "re-run of", "seed": "seed"}, None,
+                  None, 1, max_concurrent)
+
+
+def _restore(spec: SweepSpec, experiment: str, param_space: dict[str, Any], resume: bool) -> Any | None:
+    """With ``--resume``: the stored Tune experiment ``experiment`` of this sweep, continued; else None."""
+    import ray.tune
+
+    settings = spec.platform()
+    fs = settings.storage_filesystem()
+    exp_path = f"{settings.ray_storage_path}/sweeps/{spec.name}/{experiment}"
+    if not (resume and ray.tune.Tuner.can_restore(exp_path, storage_filesystem=fs)):
+        return None
+    print(f"[{spec.dataset}] resuming the Tune experiment at s3://{exp_path}", flush=True)
+    trainable = ray.tune.with_resources(train_driver, {"CPU": TRIAL_DRIVER_CPUS})
+    return ray.tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space, storage_filesystem=fs)
+
+
+def _tuner(spec: SweepSpec, experiment: str, param_space: dict[str, Any], columns: dict[str, str],
+           search_alg: Any, scheduler: Any, num_samples: int, max_concurrent: int) -> Any:
+    """A new Tune experiment ``experiment`` of this sweep (storage ``<ray storage>/sweeps/<sweep>/<experiment>``)."""
+    import ray.tune
+
+    ss = spec.space
+    settings = spec.platform()
+    trainable = ray.tune.with_resources(train_driver, {"CPU": TRIAL_DRIVER_CPUS})
     reporter = ray.tune.CLIReporter(
         metric_columns={"epoch": "epoch", "train_loss": "loss", "val_mAP": "val mAP", "best_val_mAP": "best val mAP"},
-        parameter_columns={k: k.split(".")[-1] for k in ss.params} if ss.kind == "optuna" else ["variant"],
-        max_report_frequency=30, sort_by_metric=True)
+        parameter_columns=columns, max_report_frequency=30, sort_by_metric=True)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(metric=ss.metric, mode=ss.mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                         trial_dirname_creator=lambda t: t.trial_id),
-        run_config=ray.tune.RunConfig(name=spec.dataset, storage_path=storage_path, storage_filesystem=fs,
+        run_config=ray.tune.RunConfig(name=experiment, storage_path=f"{settings.ray_storage_path}/sweeps/{spec.name}",
+                                      storage_filesystem=settings.storage_filesystem(),
                                       failure_config=ray.tune.FailureConfig(max_failures=1),
                                       progress_reporter=reporter),
     )
@@ -229,51 +317,144 @@ def default_max_concurrent(workers: int, cpus_per_worker: float, gpus_per_worker
     return n
 
 
-def finish_dataset(spec: SweepSpec, results: Any, metric: str, mode: str) -> dict[str, Any] | None:
-    """After Tune: trial statuses in MLflow, Optuna plots and the summary on the parent, the champion model."""
+def trial_rows(spec: SweepSpec, results: Any, confirm: bool = False) -> list[dict[str, Any]]:
+    """After Tune: one row per trial of a Tune experiment (the search's, or ``confirm``: the confirmation's), with
+    its MLflow run ended as Tune's outcome says (FINISHED: trained the full budget; KILLED: stopped early)."""
     ss = spec.space
     cl = tracking.client(spec.settings["tracking_uri"])
-    parent = tracking.RunLogger(spec.parent_run_id, spec.settings["tracking_uri"])
+    base = base_seed(spec)
     rows = []
     for r in results:
         m = r.metrics or {}
         trial_id = m.get("trial_id") or Path(r.path).name
-        run = tracking.find_run(cl, spec.experiment_id, f"sweep/{spec.name}/{spec.dataset}/{trial_id}")
+        key = f"sweep/{spec.name}/{spec.dataset}/{'confirm/' if confirm else ''}{trial_id}"
+        run = tracking.find_run(cl, spec.experiment_id, key)
         reached_end = m.get("training_iteration", 0) >= spec.max_epochs
         status = "FAILED" if r.error is not None else "FINISHED" if reached_end else "KILLED"
         if run is not None and run.info.status != status:
             tracking.RunLogger(run.info.run_id, spec.settings["tracking_uri"]).terminate(status)
+        confirm_of = r.config.get("confirm_of") or ""
+        values = r.config["_confirm"][confirm_of] if confirm_of else r.config
         row = {"trial_id": trial_id, "status": status, "run_id": run.info.run_id if run else "",
-               "epochs": m.get("training_iteration", 0)}
-        row.update({k: r.config.get(k) for k in ss.params} if ss.kind == "optuna" else
-                   {"variant": r.config.get("variant")})
+               "epochs": m.get("training_iteration", 0), "phase": "confirm" if confirm else "search",
+               "confirm_of": confirm_of, "seed": int(r.config.get("seed", base))}
+        row.update({k: values.get(k) for k in ss.params} if ss.kind == "optuna" else
+                   {"variant": values.get("variant")})
         for k in ("best_val_mAP", "best_epoch", "test_mAP", "test_R1", "test_R5", "test_R10"):
             row[k] = m.get(k)
         rows.append(row)
-    _log_summary(parent, rows, ss, metric, mode)
-    scored = [r for r in rows if _finite(r.get(metric)) and r["status"] != "FAILED" and r["run_id"]]
-    if not scored:
-        why = next((failure_message(r.error) for r in results if r.error is not None), None)
-        print(f"[{spec.dataset}] no trial produced {metric}: nothing to register"
+    return rows
+
+
+def confirmation_candidates(spec: SweepSpec, rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The search trials whose configurations a confirmation re-runs: the top ``k`` by the validation metric."""
+    ss = spec.space
+    return selection.top_configurations(rows, list(ss.params), ss.metric, ss.mode, k)
+
+
+def finish_dataset(spec: SweepSpec, rows: list[dict[str, Any]], confirm_rows: list[dict[str, Any]] | None = None,
+                   results: Any = None) -> dict[str, Any] | None:
+    """After Tune: the summary and Optuna plots on the parent, the champion chosen and registered.
+
+    The champion (``orchestration.selection``): with a confirmation (``confirm_rows`` not None), the confirmed
+    configuration with the best mean validation metric over its confirmation seeds; for a grid, the variant with the
+    best mean over its seeds; for an Optuna search without confirmation, the best trial. The registered model is the
+    champion configuration's run with the best validation metric. The parent records every compared
+    configuration's mean and std (metrics ``config.<label>.<metric>_mean`` / ``_std``, the table
+    ``summary/configurations.json``) and the champion's (``champion.<metric>_mean`` / ``_std``, ``champion.n``).
+    """
+    ss = spec.space
+    metric, mode = ss.metric, ss.mode
+    params = list(ss.params) or ["variant"]
+    parent = tracking.RunLogger(spec.parent_run_id, spec.settings["tracking_uri"])
+    _log_summary(parent, rows + (confirm_rows or []), ss, metric, mode)
+    if confirm_rows is not None:
+        groups = selection.group_rows(confirm_rows, params, metric)
+        compared = "confirmation"
+    elif ss.kind == "grid":
+        groups = selection.group_rows(rows, params, metric)
+        compared = "grid"
+    else:  # one trial per configuration: the best trial, also one ASHA stopped early (as the search compared them)
+        groups = selection.group_rows(rows, params, metric, statuses=("FINISHED", "KILLED"))
+        compared = ""
+    champ = selection.champion(groups, metric, mode)
+    if champ is None:
+        why = next((failure_message(r.error) for r in (results or []) if r.error is not None), None)
+        what = "no confirmation run" if compared == "confirmation" else "no trial"
+        print(f"[{spec.dataset}] {what} produced {metric}: nothing to register"
               + (f"; the first failure: {why}" if why else ""), flush=True)
         return None
-    best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
-    parent.log_params({f"best.{k}": best[k] for k in (list(ss.params) or ["variant"]) if k in best})
-    parent.log_params({"best.trial_id": best["trial_id"], "best.run_id": best["run_id"]})
+    best = dict(champ.best_row(metric, mode))
+    best["champion"] = champ.summary()
+    best["compared"] = compared
+    if compared:
+        ranked = selection.rank(groups, metric, mode)
+        best["configurations"] = [g.summary() for g in ranked]
+        _log_configurations(parent, ranked, champ, params, metric)
+    parent.log_params({f"best.{k}": best[k] for k in params if k in best})
+    parent.log_params({"best.trial_id": best["trial_id"], "best.run_id": best["run_id"],
+                       **({"best.confirm_of": best["confirm_of"]} if best.get("confirm_of") else {})})
     parent.log_metrics({f"best_{k}": best[k] for k in ("best_val_mAP", "test_mAP", "test_R1", "test_R5", "test_R10")
                         if _finite(best.get(k))})
-    best["model_version"] = str(_register_best(spec, best["run_id"], parent))
+    best["model_version"] = str(_register_best(spec, best["run_id"], parent, champion_selection(best, metric)))
     return best
 
 
-def _register_best(spec: SweepSpec, trial_run_id: str, parent: tracking.RunLogger) -> int:
+def _log_configurations(parent: tracking.RunLogger, ranked: list[selection.ConfigResult],
+                        champ: selection.ConfigResult, params: list[str], metric: str) -> None:
+    """Mean and std per compared configuration on the parent run: metrics, an MLflow table and a CSV."""
+    metrics: dict[str, float] = {}
+    for g in ranked:
+        name = _metric_name(g.label)
+        for m in (metric, "test_mAP"):
+            if _finite(g.mean(m)):
+                metrics[f"config.{name}.{m}_mean"] = g.mean(m)
+                metrics[f"config.{name}.{m}_std"] = g.std(m)
+    for m in selection.SUMMARY_METRICS:
+        if _finite(champ.mean(m)):
+            metrics[f"champion.{m}_mean"] = champ.mean(m)
+            metrics[f"champion.{m}_std"] = champ.std(m)
+    metrics["champion.n"] = float(len(champ.rows))
+    parent.log_metrics(metrics)
+    table = [{**g.summary(), "champion": g is champ} for g in ranked]
+    keys = list(table[0])
+    parent.log_table({k: [r.get(k) for r in table] for k in keys}, "summary/configurations.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "configurations.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(table)
+        parent.log_artifact(path, "summary")
+
+
+def _metric_name(label: str) -> str:
+    """A configuration's label as a part of an MLflow metric name (letters, digits, ``_ - .`` only)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+def champion_selection(best: dict[str, Any], metric: str) -> str:
+    """One sentence on how the champion was chosen (the registered version's description and the parent's note)."""
+    c = best["champion"]
+    if not best.get("compared"):
+        return f"Selected as the search's best trial on {metric} (one seed per configuration)."
+    what = (f"re-run of search trial `{best['confirm_of']}`" if best.get("confirm_of") else
+            f"variant `{best.get('variant')}`")
+    return (f"Configuration ({what}) selected by its MEAN {metric} over {c['n']} seed(s) ({c['seeds']}): "
+            f"{c[f'{metric}_mean']:.4f} ± {c[f'{metric}_std']:.4f} (test mAP {_fmt(c['test_mAP_mean'])} ± "
+            f"{_fmt(c['test_mAP_std'])}, never used to choose); these weights are its seed {best['seed']}, the best "
+            f"of them on {metric}.")
+
+
+def _register_best(spec: SweepSpec, trial_run_id: str, parent: tracking.RunLogger, selection_note: str = "") -> int:
     """The best trial's exported weights as the pyfunc on the parent run, registered as ``stmi-<dataset>@champion``."""
     from orchestration import registry  # MLflow's pyfunc machinery: only where a model is registered
 
     trial = tracking.RunLogger(trial_run_id, spec.settings["tracking_uri"])
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = trial.download_artifact(f"{EXPORT_DIR}/{EXPORT_FILE}", tmp)
-        return registry.register_champion(ckpt, spec.dataset, parent, source_run_id=trial_run_id).version
+        return registry.register_champion(ckpt, spec.dataset, parent, source_run_id=trial_run_id,
+                                          selection=selection_note).version
 
 
 def _finite(v: Any) -> bool:
@@ -313,7 +494,7 @@ def _optuna_plots(rows: list[dict[str, Any]], ss: Any, metric: str, mode: str, o
     dists = ss.optuna_distributions()
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
     for r in rows:
-        if not _finite(r.get(metric)):
+        if not _finite(r.get(metric)) or r.get("phase") == "confirm":  # the study is the search's trials only
             continue
         params = {k: r[k] for k in dists}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r[metric])))
@@ -364,7 +545,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
     p.add_argument("--name", help="sweep name (MLflow experiment stmi-<name>, storage path); default preset-time")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name after an interruption")
-    p.add_argument("--seed", type=int, default=1111, help="Optuna sampler seed")
+    p.add_argument("--seed", type=int, default=1111, help="Optuna sampler seed (the training seeds: --seeds)")
+    sel = p.add_argument_group(
+        "selection over seeds",
+        "A configuration is compared by its MEAN validation mAP over training seeds, not by its luckiest run. "
+        "Seeds count up from the recipe's optim.seed (1111; --set optim.seed=S moves it). The champion "
+        "(stmi-<dataset>@champion) is the configuration with the best mean validation mAP, and its registered "
+        "weights are its seed with the best validation mAP; test metrics are reported, never used to choose. The "
+        "parent run records mean and std per configuration (metrics config.<label>.*_mean/_std, champion.*, the "
+        "table summary/configurations.json, its description).")
+    sel.add_argument("--seeds", type=int, metavar="N",
+                     help="training seeds per compared configuration. A grid search space (the ablation) runs every "
+                          "variant with N seeds (optim.seed, +1, ...; default %d); an Optuna search re-runs each of "
+                          "its --confirm-top configurations with N new seeds (optim.seed+1 ... +N, so the search "
+                          "trial's own lucky seed is not averaged in; default: the preset's, demo %s, paper %s)"
+                          % (GRID_SEEDS, PRESETS["demo"]["confirm_seeds"], PRESETS["paper"]["confirm_seeds"]))
+    sel.add_argument("--confirm-top", type=int, metavar="K",
+                     help="after an Optuna search, re-run its K best configurations by validation mAP with --seeds "
+                          "seeds each (a second Tune experiment <dataset>-confirm, resumable like the search; its "
+                          "runs are tagged stmi.confirm_of=<search trial>, stmi.seed) and choose the champion among "
+                          "them by mean; 0: no confirmation, the best search trial is the champion (default: the "
+                          "preset's; demo %s, paper %s)" % (PRESETS["demo"]["confirm_top"],
+                                                            PRESETS["paper"]["confirm_top"]))
     PlatformSettings.add_arguments(p)
     return p
 
@@ -380,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"STMI sweep: preset {args.preset}", flush=True)
     _quiet_logging()
+    explicit = {k for k in ("seeds", "confirm_top") if getattr(args, k) is not None}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -395,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SettingsError("--data-root is required for the paper preset (the folder holding RGBNT201/ ...)")
         if args.resume and not args.name:
             raise SettingsError("--resume needs --name of the sweep to continue")
+        n_seeds, confirm_top = check_selection(ss, args.seeds, args.confirm_top, args.confirm_seeds, explicit)
     except (SearchSpaceError, SettingsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -459,17 +663,37 @@ def main(argv: list[str] | None = None) -> int:
             parent.log_params({"sweep.name": name, "sweep.preset": args.preset, "sweep.search_space": ss.path.name,
                                "sweep.num_samples": args.num_samples, "sweep.max_epochs": max_epochs,
                                "sweep.workers_per_trial": args.workers_per_trial, "sweep.seed": args.seed,
-                               "sweep.max_concurrent": max_concurrent})
+                               "sweep.max_concurrent": max_concurrent, "sweep.seeds": n_seeds,
+                               "sweep.confirm_top": confirm_top})
             parent.log_artifact(ss.path, "search_space")
-            note = sweep_note(name, args, dataset, ss, list(raw))
+            note = sweep_note(name, args, dataset, ss, list(raw), n_seeds, confirm_top)
             parent.set_tags({"mlflow.note.content": note})
-            print(f"[{dataset}] {args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), up to "
-                  f"{max_epochs} epochs each, {max_concurrent} at a time", flush=True)
-            tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume)
+            seeds = selection.seed_list(base_seed(spec), n_seeds)
+            trials = args.num_samples if ss.kind == "optuna" else len(ss.variants) * n_seeds
+            print(f"[{dataset}] {trials} trial(s)" + (f" ({len(ss.variants)} variants x seeds "
+                                                      f"{', '.join(map(str, seeds))})"
+                                                      if ss.kind == "grid" and n_seeds > 1 else "")
+                  + f", up to {max_epochs} epochs each, {max_concurrent} at a time", flush=True)
+            tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume,
+                                seeds=seeds if ss.kind == "grid" else None)
             results = tuner.fit()
             if stop.stopped:  # Tune may return from an interrupt instead of raising: nothing is finished then
                 raise KeyboardInterrupt
-            best = finish_dataset(spec, results, ss.metric, ss.mode)
+            rows = trial_rows(spec, results)
+            confirm_rows = None
+            if confirm_top:
+                top = confirmation_candidates(spec, rows, confirm_top)
+                if top:
+                    cseeds = selection.seed_list(base_seed(spec), n_seeds, offset=1)
+                    print(f"[{dataset}] confirmation: the {len(top)} best configuration(s) (search trials "
+                          f"{', '.join(r['trial_id'] for r in top)}) again with seeds {', '.join(map(str, cseeds))}, "
+                          f"{max_epochs} epochs each", flush=True)
+                    confirm = build_confirm_tuner(spec, top, cseeds, max_concurrent, args.resume)
+                    results = confirm.fit()
+                    if stop.stopped:
+                        raise KeyboardInterrupt
+                    confirm_rows = trial_rows(spec, results, confirm=True)
+            best = finish_dataset(spec, rows, confirm_rows, results)
             current.clear()
             if best is None:
                 parent.terminate("FAILED")
@@ -478,9 +702,16 @@ def main(argv: list[str] | None = None) -> int:
             summary[dataset] = best
             parent.set_tags({"stmi.sweep_done": "true", "mlflow.note.content": note + champion_note(best)})
             parent.terminate("FINISHED")
-            print(f"[{dataset}] best trial {best['trial_id']}: val mAP {best['best_val_mAP']:.4f}, test mAP "
-                  f"{_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered stmi-{dataset} version "
-                  f"{best['model_version']} as @champion", flush=True)
+            if best.get("compared"):
+                c = best["champion"]
+                print(f"[{dataset}] champion {c['label']}: mean val mAP {c['best_val_mAP_mean']:.4f} ± "
+                      f"{c['best_val_mAP_std']:.4f} over {c['n']} seed(s) (test mAP {_fmt(c['test_mAP_mean'])} ± "
+                      f"{_fmt(c['test_mAP_std'])}); of the {len(best['configurations'])} compared, by mean val mAP: "
+                      + ", ".join(f"{g['label']} {g['best_val_mAP_mean']:.4f} ± {g['best_val_mAP_std']:.4f}"
+                                  for g in best["configurations"]), flush=True)
+            print(f"[{dataset}] registered trial {best['trial_id']} (seed {best['seed']}): val mAP "
+                  f"{best['best_val_mAP']:.4f}, test mAP {_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; "
+                  f"stmi-{dataset} version {best['model_version']} as @champion", flush=True)
         write_report(name, cl)
         print(f"sweep {name!r} done: " + ", ".join(f"{d}: val mAP {b['best_val_mAP']:.4f}" for d, b in summary.items()),
               flush=True)
@@ -492,22 +723,70 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def sweep_note(name: str, args: argparse.Namespace, dataset: str, ss: Any, argv: list[str]) -> str:
-    """The parent run's description (``mlflow.note.content``, Markdown): command, datasets, search space."""
+def check_selection(ss: SearchSpace, seeds: int | None, confirm_top: int, confirm_seeds: int,
+                    explicit: set[str]) -> tuple[int, int]:
+    """``(seeds per compared configuration, configurations to confirm)`` for this search space, or
+    :class:`SettingsError` naming the fix when the flags ask for something the space cannot do.
+
+    Args:
+        seeds: ``--seeds`` (None: the default for the space's kind).
+        confirm_top: ``--confirm-top`` or the preset's.
+        confirm_seeds: the preset's seeds per confirmed configuration.
+        explicit: which of ``seeds`` / ``confirm_top`` the command line gave.
+    """
+    if seeds is not None and seeds < 1:
+        raise SettingsError(f"--seeds {seeds}: need at least 1 seed per configuration")
+    if confirm_top < 0:
+        raise SettingsError(f"--confirm-top {confirm_top}: need 0 (no confirmation) or more configurations")
+    if ss.kind == "grid":
+        if "confirm_top" in explicit and confirm_top:
+            raise SettingsError(f"--confirm-top: {ss.path.name} is a grid, which has no search to confirm; it runs "
+                                "every variant --seeds N times (drop --confirm-top, or pass --seeds N)")
+        return seeds or GRID_SEEDS, 0
+    if not confirm_top and "seeds" in explicit and seeds and seeds > 1:
+        raise SettingsError(f"--seeds {seeds} has nothing to seed: an Optuna search trains each configuration once "
+                            "and --confirm-top 0 turns the confirmation off (pass --confirm-top K to re-run the K "
+                            "best configurations with the seeds)")
+    return seeds or confirm_seeds, confirm_top
+
+
+def sweep_note(name: str, args: argparse.Namespace, dataset: str, ss: Any, argv: list[str], n_seeds: int = 1,
+               confirm_top: int = 0) -> str:
+    """The parent run's description (``mlflow.note.content``, Markdown): command, datasets, search space, how the
+    champion is selected."""
     params = ", ".join(f"`{p}`" for p in ss.params) if ss.kind == "optuna" else f"{len(ss.variants)} variants"
+    trials = args.num_samples if ss.kind == "optuna" else len(ss.variants) * n_seeds
+    if ss.kind == "grid":
+        how = f"every variant with {n_seeds} seed(s); champion: the best mean `{ss.metric}`"
+    elif confirm_top:
+        how = (f"the {confirm_top} best configuration(s) re-run with {n_seeds} new seed(s) each; champion: the best "
+               f"mean `{ss.metric}` over those seeds")
+    else:
+        how = f"no confirmation (`--confirm-top 0`); champion: the best single trial on `{ss.metric}`"
     return (f"**Sweep `{name}`**, dataset **{dataset}** (of {', '.join(args.datasets)}).\n\n"
             f"- command: `python orchestration/sweep.py {shlex.join(argv)}`\n"
             f"- preset `{args.preset}`, recipe `{args.recipe}`, search space `{ss.path.name}` ({ss.kind}: {params}), "
-            f"{args.num_samples if ss.kind == 'optuna' else len(ss.variants)} trial(s), selection on "
-            f"`{ss.metric}` ({ss.mode})\n"
+            f"{trials} trial(s), selection on `{ss.metric}` ({ss.mode}); test metrics are never used to choose\n"
+            f"- selection: {how}\n"
             f"- report: `python -m orchestration.report --sweep {name}`\n")
 
 
 def champion_note(best: dict[str, Any]) -> str:
-    """The champion's line of the parent's description."""
-    return (f"- champion: trial `{best['trial_id']}` (run `{best['run_id']}`), val mAP {best['best_val_mAP']:.4f}, "
-            f"test mAP {_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; registered version "
-            f"{best.get('model_version', '?')}\n")
+    """The champion's lines of the parent's description: the registered run, how it was chosen and, when
+    configurations were compared over seeds, their mean ± std (best first)."""
+    metric = selection.SUMMARY_METRICS[0]
+    out = (f"- champion: trial `{best['trial_id']}` (run `{best['run_id']}`, seed {best.get('seed', '?')}), val mAP "
+           f"{best['best_val_mAP']:.4f}, test mAP {_fmt(best.get('test_mAP'))}, R1 {_fmt(best.get('test_R1'))}; "
+           f"registered version {best.get('model_version', '?')}\n")
+    if not best.get("compared"):
+        return out
+    out += f"- {champion_selection(best, metric)}\n\n"
+    out += "| configuration | n | seeds | val mAP (mean ± std) | test mAP (mean ± std) |\n|---|---|---|---|---|\n"
+    for g in best["configurations"]:
+        mark = " **(champion)**" if g["label"] == best["champion"]["label"] else ""
+        out += (f"| {g['label']}{mark} | {g['n']} | {g['seeds']} | {_fmt(g[f'{metric}_mean'])} ± "
+                f"{_fmt(g[f'{metric}_std'])} | {_fmt(g['test_mAP_mean'])} ± {_fmt(g['test_mAP_std'])} |\n")
+    return out
 
 
 def write_report(name: str, cl: Any) -> None:

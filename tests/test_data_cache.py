@@ -436,6 +436,7 @@ def test_cache_command_prebuilds_and_verifies(synth: Path, tmp_path: Path, capsy
 # ------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # two short trainings: ~90 s on 2 CPUs
 @pytest.mark.timeout(900)
 def test_training_on_the_cached_path_learns_as_the_decode_path(tmp_path: Path) -> None:
     """Demo recipe, synthetic RGBNT201, 2 epochs on each path: both learn, the cached one at least half as much."""

@@ -171,3 +171,29 @@ def test_configuration_key_and_rows() -> None:
     assert ablation_rows({"model.fusion": "mhsa"}) == {"table4": "MHSA"}
     assert ablation_rows({"model.sfm_layers": "early"}) == {"table5": "early layers"}
     assert ablation_rows({}) == {"table3": "+SFM+STR+CHI", "table4": "CHI", "table5": "layer-wise, all layers"}
+
+
+def test_confirmed_configuration_is_averaged_over_its_confirmation_seeds(mlflow_server, platform_env,
+                                                                          tmp_path: Path) -> None:
+    """After `sweep.py --confirm-top`: the champion is among the confirmed configurations (an unconfirmed lucky
+    search trial does not compete), and a confirmed one is averaged over its confirmation runs, not its search trial."""
+    cl = tracking.client(mlflow_server.tracking_uri)
+    name = f"report-confirm-{uuid.uuid4().hex[:8]}"
+    exp = cl.create_experiment(f"stmi-{name}")
+    parent = cl.create_run(exp, run_name="rgbnt201", tags={"stmi.role": "parent", "stmi.dataset": "rgbnt201"})
+    pid = parent.info.run_id
+    base = {**COMMON, **ROWS["t3_D_full"], "optim.seed": "1111"}
+    _run(cl, exp, pid, "lucky", {**base, "optim.lr": "0.002"}, _metrics(0.99, 0.9))  # not confirmed: one seed only
+    for trial, lr, vals in (("t1", "0.001", [0.60, 0.64]), ("t2", "0.0005", [0.70, 0.66])):
+        _run(cl, exp, pid, trial, {**base, "optim.lr": lr}, _metrics(0.95, 0.95))  # the search trial: selected on
+        for s, v in enumerate(vals):
+            run_id = _run(cl, exp, pid, f"{trial}-s{1112 + s}", {**base, "optim.lr": lr, "optim.seed": str(1112 + s)},
+                          _metrics(v, v - 0.2))
+            cl.set_tag(run_id, "stmi.confirm_of", trial)
+    tables = json.loads(build_report(name, tmp_path, cl, log_to_parents=False)["json"].read_text())["tables"]
+    champ = tables["rgbnt201/champion"]["numbers"]["champion"]
+    assert "lr=0.0005" in champ["label"] and champ["seeds"] == ["1112", "1113"], champ
+    assert champ["val_mAP"] == pytest.approx(0.68) and champ["test_mAP"]["mean"] == pytest.approx(0.48)
+    assert champ["test_mAP"]["std"] == pytest.approx(statistics.stdev([0.5, 0.46]))
+    md = (tmp_path / "report.md").read_text()
+    assert "t2 (FINISHED, search trial, selected on its own value" in md and "lucky (" not in md

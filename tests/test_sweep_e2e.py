@@ -36,8 +36,10 @@ def _children(client, exp_id: str, parent_id: str):
 def test_demo_sweep_via_ray_job_submit(ray_cluster, mlflow_server, data_root: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    # --confirm-top 0: the best search trial is the champion (the confirmation has its own test, test_sweep_seeds)
     proc = ray_cluster.submit("python", SWEEP, "--datasets", "rgbnt201", "msvr310", "--num-samples", "2",
-                              "--max-epochs", "2", "--data-root", str(data_root), "--name", "e2e", timeout=1200)
+                              "--max-epochs", "2", "--confirm-top", "0", "--data-root", str(data_root), "--name", "e2e",
+                              timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "STMI sweep: running the DEMO preset" in proc.stdout
     client = MlflowClient(mlflow_server.tracking_uri)
@@ -95,7 +97,7 @@ def test_resume_after_the_sweep_driver_is_killed(ray_cluster, mlflow_server, dat
     from mlflow.tracking import MlflowClient
 
     args = ("python", SWEEP, "--datasets", "rgbnt201", "--num-samples", "3", "--max-epochs", "2",
-            "--max-concurrent", "1", "--data-root", str(data_root), "--name", "resume")
+            "--max-concurrent", "1", "--confirm-top", "0", "--data-root", str(data_root), "--name", "resume")
     sub = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--submission-id", "sweep-resume-1",
                "--no-wait", "--", *args)
     assert sub.returncode == 0, sub.stdout + sub.stderr

@@ -1,8 +1,9 @@
 """``make demo``: the stack up, the demo sweep submitted with ``ray job submit``, and a report.
 
-The report says where to look (MLflow UI), what won (best trial per dataset with its metrics and registered
-version) and how to use it: the exact ``mlflow models serve`` and ``curl`` commands, with a request file built
-from a real query triplet of the demo data, written under ``<state dir>/demo/``.
+The report says where to look (MLflow UI), what won (per dataset the registered trial with its metrics, the
+champion configuration's mean ± std over its seeds when the sweep compared seeds, the registered version) and how
+to use it: the exact ``mlflow models serve`` and ``curl`` commands, with a request file built from a real query
+triplet of the demo data, written under ``<state dir>/demo/``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
              f"MLflow UI:  {config.tracking_uri}/#/experiments/{exp.experiment_id}   (a parent run per dataset, a "
              f"child per trial; compare children with the UI's chart view)", "",
              f"{'dataset':10s} {'best trial':12s} {'val mAP':>8s} {'test mAP':>9s} {'R1':>6s} {'R5':>6s} {'R10':>6s}"
-             f"  model"]
+             f"  {'over seeds: val mAP, test mAP':30s}  model"]
     first_dataset = None
     parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stmi.role") == "parent"]
     for parent in sorted(parents, key=lambda r: r.data.tags.get("stmi.dataset", "")):
@@ -65,8 +66,13 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
         version = parent.data.tags.get("stmi.champion_version", "?")
         scores = [_f(m.get(k)) for k in ("best_best_val_mAP", "best_test_mAP", "best_test_R1", "best_test_R5",
                                           "best_test_R10")]
+        seeds = "-"  # the champion configuration's mean ± std over its seeds (a confirmation or a seeded grid)
+        if "champion.best_val_mAP_mean" in m:
+            seeds = (f"{_f(m['champion.best_val_mAP_mean'])}±{_f(m.get('champion.best_val_mAP_std'))}, "
+                     f"{_f(m.get('champion.test_mAP_mean'))}±{_f(m.get('champion.test_mAP_std'))} "
+                     f"(n={int(m.get('champion.n', 0))})")
         lines.append(f"{ds:10s} {p.get('best.trial_id', '-'):12s} {scores[0]:>8s} {scores[1]:>9s} {scores[2]:>6s} "
-                     f"{scores[3]:>6s} {scores[4]:>6s}  models:/stmi-{ds}@champion (v{version})")
+                     f"{scores[3]:>6s} {scores[4]:>6s}  {seeds:30s}  models:/stmi-{ds}@champion (v{version})")
         first_dataset = first_dataset or ds
     if first_dataset:
         request = write_request(config, first_dataset)

@@ -898,10 +898,18 @@ class RayHead(Service):
         return {"Authorization": f"Bearer {self.config.ray_token}"}
 
     def child_env(self) -> dict[str, str]:
-        """Without the caller's RAY_ADDRESS: it may point at another cluster and jobs get theirs from Ray."""
+        """Without the caller's RAY_ADDRESS: it may point at another cluster and jobs get theirs from Ray.
+
+        With this head's own API server as ``RAY_API_SERVER_ADDRESS`` instead: Ray Train's PlacementGroupCleaner
+        (a detached actor that removes a finished run's placement group) asks the state API for "the" cluster
+        without an address, which fails with "Found multiple active Ray instances" when another stack or test
+        session runs on the machine; the finished trials' CPUs then stay reserved and the sweep's next Tune
+        experiment (its confirmation, the next dataset) waits for them forever. The state API reads this variable
+        first; the node's processes inherit it.
+        """
         env = super().child_env()
         env.pop("RAY_ADDRESS", None)
-        env.pop("RAY_API_SERVER_ADDRESS", None)
+        env["RAY_API_SERVER_ADDRESS"] = self.config.dashboard_url
         return env
 
     def health(self) -> str | None:
