@@ -71,9 +71,13 @@ def _report(client, parent, tmp_path: Path) -> dict:  # noqa: ANN001
     return json.loads(Path(local).read_text())["tables"]
 
 
-def test_grid_runs_every_variant_with_every_seed(ray_cluster, mlflow_server, data_root: Path,
-                                                 tmp_path: Path) -> None:
+def test_grid_runs_every_variant_with_every_seed_and_leaks_no_secret(ray_cluster, mlflow_server, data_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """A grid with --seeds 2; afterwards the security checks of tests/test_faults.py (no secret in any file or Ray
+    answer, every Ray listener on loopback, SeaweedFS's own APIs closed), which need a sweep to have run."""
     from mlflow.tracking import MlflowClient
+
+    from tests.test_faults import check_no_secret_anywhere_and_nothing_open
 
     space = tmp_path / "two.yaml"
     space.write_text("kind: grid\nvariants:\n  slow: {optim.lr: 1.0e-4}\n  fast: {optim.lr: 2.0e-3}\n")
@@ -98,6 +102,8 @@ def test_grid_runs_every_variant_with_every_seed(ray_cluster, mlflow_server, dat
     report = _report(client, parent, tmp_path)["rgbnt201/champion"]["numbers"]["champion"]
     assert report["label"] == label and report["seeds"] == [str(BASE_SEED), str(BASE_SEED + 1)]
     assert report["test_mAP"]["mean"] == pytest.approx(parent.data.metrics["champion.test_mAP_mean"])
+
+    check_no_secret_anywhere_and_nothing_open(mlflow_server, proc)
 
 
 def _cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
