@@ -237,7 +237,7 @@ def test_training_goes_on_while_mlflow_is_down(ray_cluster, mlflow_server, synth
         run_id = _wait_epochs(client, experiment, name, 2, proc)
         kill9(svc)
         down_at = time.time() * 1000
-        time.sleep(60)  # the outage the issue names; several epochs (~2-5 s each) fall inside it
+        time.sleep(60)  # a minute: several epochs (~2-5 s each) fall inside it
         up_at = time.time() * 1000
         svc.start()
         out, _ = proc.communicate(timeout=600)
