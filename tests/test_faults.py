@@ -1,5 +1,6 @@
 """Faults of a real cluster and its secrets: services SIGKILLed mid-run and restarted, the stack stopped mid-run,
-credentials looked for everywhere Ray writes or answers.
+credentials looked for everywhere Ray writes or answers (:func:`check_no_secret_anywhere_and_nothing_open`, which
+needs a finished sweep and runs after the grid sweep of ``tests/test_sweep_seeds.py``).
 
 Real SeaweedFS, MLflow and Ray on loopback; real processes killed with SIGKILL; short runs of the tiny demo model
 on tiny synthetic data so that the outages, not the training, take the time.
