@@ -244,3 +244,18 @@ def test_fixtures(s3_server, mlflow_server, ray_cluster) -> None:
     assert job.returncode == 0, job.stdout + job.stderr
     line = next(x for x in job.stdout.splitlines() if x.startswith("JOB")).split()
     assert line[1:] == [mlflow_server.tracking_uri, s3_server.bucket, str(ray_cluster.num_cpus)]
+
+
+def test_demo_request_comes_from_the_sweeps_data_root(tmp_path: Path) -> None:
+    """`demo -- --data-root DIR` ends with a request built from DIR's query split, not from the demo datasets
+    (which that run never generated: the report crashed at the very end before)."""
+    from infra.local.demo import sweep_data_root, write_request
+    from stmi.data.synth import make_synthetic
+
+    root = make_synthetic("msvr310", tmp_path / "data", ids=6, seed=1, images_per_id=4)
+    assert sweep_data_root(["--max-epochs", "1"]) is None
+    given = sweep_data_root(["--max-epochs", "1", "--data-root", str(root)])
+    assert given == root.absolute()
+    request = write_request(StackConfig(state_dir=tmp_path / "state", ports=Ports.free()), "msvr310", given)
+    row = json.loads(request.read_text())["inputs"][0]
+    assert {"rgb", "nir", "tir", "camera"} <= set(row)

@@ -41,12 +41,22 @@ def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None
         print(f"\nthe sweep job failed (exit {rc}); its log is above, Ray's logs are in {config.ray_tmp}/session_latest"
               f"/logs and the dashboard at {config.dashboard_url}", file=sys.stderr)
         return rc
-    print(report(config, name, serve_port), flush=True)
+    print(report(config, name, serve_port, data_root=sweep_data_root(sweep_args)), flush=True)
     return 0
 
 
-def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -> str:
-    """The end-of-demo report (reads MLflow back)."""
+def sweep_data_root(sweep_args: list[str]) -> Path | None:
+    """The ``--data-root`` the sweep was given (``demo -- --data-root DIR``), or None: the demo datasets."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data-root")
+    root = parser.parse_known_args(sweep_args)[0].data_root
+    return None if root is None else Path(root).expanduser().absolute()
+
+
+def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT, data_root: Path | None = None) -> str:
+    """The end-of-demo report (reads MLflow back); the request is a query of ``data_root`` (default: demo data)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(config.tracking_uri)
@@ -75,7 +85,7 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
                      f"{scores[3]:>6s} {scores[4]:>6s}  {seeds:30s}  models:/stmi-{ds}@champion (v{version})")
         first_dataset = first_dataset or ds
     if first_dataset:
-        request = write_request(config, first_dataset)
+        request = write_request(config, first_dataset, data_root)
         venv_bin = Path(sys.executable).parent
         lines += ["", "Serve the champion and query it (in two shells):",
                   f"  source {Path(config.state_dir) / 'env'} && PATH={venv_bin}:$PATH \\",
@@ -90,13 +100,14 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT) -
     return "\n".join(lines)
 
 
-def write_request(config: StackConfig, dataset: str) -> Path:
-    """A one-row request from the first query triplet of the demo dataset (real files, base64)."""
+def write_request(config: StackConfig, dataset: str, data_root: Path | None = None) -> Path:
+    """A one-row request from the first query triplet of the dataset under ``data_root`` (the folder holding
+    RGBNT201/, ...: the sweep's ``--data-root``) or, by default, of the demo dataset (real files, base64)."""
     from orchestration.demo_data import demo_root
     from stmi.data.layouts import read_split
     from stmi.data.triplet_dataset import load_frames
 
-    records = read_split(dataset, demo_root() / dataset, "query")
+    records = read_split(dataset, data_root if data_root is not None else demo_root() / dataset, "query")
     t = records[0]
     row: dict[str, Any] = {k: _b64(im) for k, im in zip(("rgb", "nir", "tir"), load_frames(t))}
     if t.mask is not None and Path(t.mask).exists():
