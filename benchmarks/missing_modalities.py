@@ -60,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stmi.config import apply_overrides  # noqa: E402
+from stmi.config import ConfigError, apply_overrides, parse_assignments  # noqa: E402
 from stmi.data.synth import make_synthetic  # noqa: E402
 from stmi.engine import prepare_run, train_one_epoch  # noqa: E402
 from stmi.eval_missing import FeatureBank, Setting, evaluate_missing, evaluate_settings, missing_table  # noqa: E402
@@ -128,23 +128,16 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * m:4.1f} +- {100 * s:3.1f}"
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. model.p=0.0")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.quick:
         a.ids, a.seeds, a.epochs = 12, 1, 1
     if a.threads:
         torch.set_num_threads(a.threads)
-    extra = _parse_set(a.set)
+    try:
+        extra = parse_assignments(a.set)
+    except ConfigError as e:
+        raise SystemExit(f"--set: {e}") from None
     tmp = None
     if a.data is None:
         tmp = tempfile.TemporaryDirectory(prefix="stmi-missing-")

@@ -887,9 +887,8 @@ class RayHead(Service):
         env = {k: v for k, v in self.config.env().items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(JOB_STOP_WAIT_S)
-        # Ray's Prometheus exporter listens on 0.0.0.0 (it binds loopback only when the node IP is loopback, and
-        # Ray picks the machine's IP whatever --node-ip-address says) and answers without the token. Nothing
-        # scrapes it locally: off. (The dashboard, the job and state APIs and MLflow's system metrics remain.)
+        # Ray's Prometheus exporter answers without the token, and nothing scrapes it locally: off. (The dashboard,
+        # the job and state APIs and MLflow's system metrics remain.)
         env["RAY_enable_metrics_collection"] = "0"
         return env
 
