@@ -126,14 +126,11 @@ class RayCluster:
         Waits for the job (the CLI tails its log) and returns the finished process: ``returncode`` 0 iff the job
         succeeded, ``stdout`` holds the job's output.
         """
-        return self.job("submit", "--address", self.dashboard_url, *extra_args, "--", *entrypoint, timeout=timeout,
-                        cwd=cwd)
-
-    def job(self, *args: str, timeout: float = 120, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
-        """``ray job <args...>`` (submit, stop, logs ...) with the real CLI and the cluster's environment."""
         env = {**os.environ, **self.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args], env=env, cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", self.dashboard_url,
+               *extra_args, "--", *entrypoint]
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              check=False)
 
 
 @pytest.fixture(scope="session")

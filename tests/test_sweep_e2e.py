@@ -5,6 +5,9 @@ the sweep's driver is killed.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,12 +87,18 @@ def test_demo_sweep_via_ray_job_submit(ray_cluster, mlflow_server, data_root: Pa
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
 
+def _cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **ray_cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_resume_after_the_sweep_driver_is_killed(ray_cluster, mlflow_server, data_root: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     args = ("python", SWEEP, "--datasets", "rgbnt201", "--num-samples", "3", "--max-epochs", "2",
             "--max-concurrent", "1", "--confirm-top", "0", "--data-root", str(data_root), "--name", "resume")
-    sub = ray_cluster.job("submit", "--address", ray_cluster.dashboard_url, "--submission-id", "sweep-resume-1",
+    sub = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--submission-id", "sweep-resume-1",
                "--no-wait", "--", *args)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     client = MlflowClient(mlflow_server.tracking_uri)
@@ -103,7 +112,7 @@ def test_resume_after_the_sweep_driver_is_killed(ray_cluster, mlflow_server, dat
         finished_before = {r.data.tags["stmi.trial_id"] for r in client.search_runs([exp.experiment_id])
                            if r.data.tags.get("stmi.trial_id") and r.info.status == "FINISHED"}
     assert finished_before, "no trial finished before the deadline"
-    stop = ray_cluster.job("stop", "--address", ray_cluster.dashboard_url, "sweep-resume-1")
+    stop = _cli(ray_cluster, "stop", "--address", ray_cluster.dashboard_url, "sweep-resume-1")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     # `ray job stop` (SIGTERM): the runs in progress end KILLED, the parent tagged with how to continue
     exp = client.get_experiment_by_name("stmi-resume")

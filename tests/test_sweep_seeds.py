@@ -8,7 +8,10 @@ and resumed.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,6 +106,12 @@ def test_grid_runs_every_variant_with_every_seed_and_leaks_no_secret(ray_cluster
     check_no_secret_anywhere_and_nothing_open(mlflow_server, proc)
 
 
+def _cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    env = {**os.environ, **ray_cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_optuna_top_configurations_are_confirmed_over_new_seeds_and_resumed(ray_cluster, mlflow_server,
                                                                             data_root: Path, tmp_path: Path) -> None:
     """2 search trials, both confirmed with 2 new seeds, one trial at a time; the job is stopped once a confirmation
@@ -111,7 +120,7 @@ def test_optuna_top_configurations_are_confirmed_over_new_seeds_and_resumed(ray_
 
     args = ("python", SWEEP, "--datasets", "rgbnt201", "--num-samples", "2", "--max-epochs", "1", "--confirm-top",
             "2", "--seeds", "2", "--max-concurrent", "1", "--data-root", str(data_root), "--name", "seeds-confirm")
-    sub = ray_cluster.job("submit", "--address", ray_cluster.dashboard_url, "--submission-id", "seeds-confirm-1",
+    sub = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--submission-id", "seeds-confirm-1",
                "--no-wait", "--", *args)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     client = MlflowClient(mlflow_server.tracking_uri)
@@ -124,7 +133,7 @@ def test_optuna_top_configurations_are_confirmed_over_new_seeds_and_resumed(ray_
             confirmed_before = {r.data.tags["stmi.trial_id"] for r in client.search_runs([exp.experiment_id])
                                 if r.data.tags.get("stmi.confirm_of") and r.info.status == "FINISHED"}
     assert confirmed_before, "no confirmation run finished before the deadline"
-    stop = ray_cluster.job("stop", "--address", ray_cluster.dashboard_url, "seeds-confirm-1")
+    stop = _cli(ray_cluster, "stop", "--address", ray_cluster.dashboard_url, "seeds-confirm-1")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     proc = ray_cluster.submit(*args, "--resume", timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
