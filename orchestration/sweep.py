@@ -149,6 +149,16 @@ def train_driver(config: dict[str, Any]) -> None:
             **({"stmi.confirm_of": confirm_of, "stmi.role": "confirm"} if confirm_of else {})}
     # A confirmation is a trial of another Tune experiment: its own key, so its run never meets a search trial's.
     key = f"sweep/{spec.name}/{spec.dataset}/{'confirm/' if confirm_of else ''}{trial_id}"
+    found = tracking.find_run(cl, spec.experiment_id, key)
+    if found is not None and trained_to_the_end(found.data.metrics, found.info.status, spec.max_epochs):
+        # Trained before a stop that came before Tune had saved the trial as done: Tune restarts it on --resume.
+        # Its result is reported again from MLflow, nothing is trained a second time.
+        ray.tune.report(replayed_result(found.data.metrics))
+        if found.info.status != "FINISHED":
+            tracking.RunLogger(found.info.run_id, settings.tracking_uri).terminate("FINISHED")
+        print(f"trial {trial_id}: its run {found.info.run_id} had trained all {spec.max_epochs} epochs before the "
+              "sweep stopped; its result is reported again, nothing is retrained", flush=True)
+        return
     run_id = tracking.get_or_create_run(cl, spec.experiment_id, key, f"{spec.dataset}-{label}",
                                         parent_run_id=spec.parent_run_id, tags=tags)
     logger = tracking.RunLogger(run_id, settings.tracking_uri)
@@ -167,6 +177,25 @@ def train_driver(config: dict[str, Any]) -> None:
         logger.terminate("FAILED")
         raise RuntimeError(f"trial {trial_id} failed: {failure_message(e)}") from None
     logger.terminate("FINISHED")
+
+
+EPOCHS_TRAINED = "epochs_trained"
+"""The Tune result key of a trial's progress: epochs trained (``orchestration.train.RayReport`` adds it). Not Tune's
+``training_iteration``, which counts the reports of one driver start and so restarts at 1 when a resumed trial
+continues from its Train checkpoint."""
+
+
+def trained_to_the_end(metrics: dict[str, float], status: str, max_epochs: int) -> bool:
+    """Whether a trial's MLflow run (latest ``metrics``, ``status``) holds the whole trained result: FINISHED, or
+    its last epoch and the test of the selected weights logged (the driver stopped before it ended the run)."""
+    return status == "FINISHED" or ("test_mAP" in metrics and metrics.get("epoch", -1) + 1 >= max_epochs)
+
+
+def replayed_result(metrics: dict[str, float]) -> dict[str, float]:
+    """The Tune result of a trial that trained to the end, from its MLflow run's latest metrics."""
+    out = {k: v for k, v in metrics.items() if not k.startswith("system/")}
+    out[EPOCHS_TRAINED] = int(metrics.get("epoch", -1)) + 1
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- sweep level
@@ -194,7 +223,7 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
         search_alg = None
         num_samples = 1
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_epochs,
+        scheduler = ASHAScheduler(time_attr=EPOCHS_TRAINED, max_t=spec.max_epochs,
                                   grace_period=min(grace_period, spec.max_epochs), reduction_factor=2)
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
@@ -329,14 +358,14 @@ def trial_rows(spec: SweepSpec, results: Any, confirm: bool = False) -> list[dic
         trial_id = m.get("trial_id") or Path(r.path).name
         key = f"sweep/{spec.name}/{spec.dataset}/{'confirm/' if confirm else ''}{trial_id}"
         run = tracking.find_run(cl, spec.experiment_id, key)
-        reached_end = m.get("training_iteration", 0) >= spec.max_epochs
+        reached_end = m.get(EPOCHS_TRAINED, 0) >= spec.max_epochs
         status = "FAILED" if r.error is not None else "FINISHED" if reached_end else "KILLED"
         if run is not None and run.info.status != status:
             tracking.RunLogger(run.info.run_id, spec.settings["tracking_uri"]).terminate(status)
         confirm_of = r.config.get("confirm_of") or ""
         values = r.config["_confirm"][confirm_of] if confirm_of else r.config
         row = {"trial_id": trial_id, "status": status, "run_id": run.info.run_id if run else "",
-               "epochs": m.get("training_iteration", 0), "phase": "confirm" if confirm else "search",
+               "epochs": m.get(EPOCHS_TRAINED, 0), "phase": "confirm" if confirm else "search",
                "confirm_of": confirm_of, "seed": int(r.config.get("seed", base))}
         row.update({k: values.get(k) for k in ss.params} if ss.kind == "optuna" else
                    {"variant": values.get("variant")})

@@ -141,12 +141,13 @@ class RayReport(Callback):
 
         from stmi.engine import save_fit_checkpoint
 
+        metrics = {**end.metrics, "epochs_trained": end.epoch + 1}  # a sweep's progress (sweep.EPOCHS_TRAINED)
         if not run.is_main:
-            ray.train.report(end.metrics)
+            ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_fit_checkpoint(run, end.state, tmp)
-            ray.train.report(end.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{end.epoch:04d}")
 
 

@@ -1,6 +1,7 @@
-"""The README's end-to-end path as CI runs it: stack up (twice), the demo sweep through `ray job submit`, MLflow
-and S3 checked, the champion served with the printed `mlflow models serve` command and queried with the printed
-`curl` command, stack down (twice) with no process left behind.
+"""The README's end-to-end path as CI runs it: stack up (twice), the demo sweep of two datasets through
+`ray job submit -- python orchestration/sweep.py`, what it left in MLflow, the model registry and the bucket read
+back, the champion served with the printed `mlflow models serve` command and queried with the printed `curl`
+command, stack down (twice) with no process left behind.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from infra.local.stack import LocalStack, Ports, StackConfig
+from orchestration.sweep import HPARAMS
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +51,7 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
         # The job inherits the Ray head's environment, so the demo data location must be set there too: the
         # stack was started with STMI_DEMO_DATA in its environment above.
         demo = _cli("demo", *common, "--name", "readme", "--serve-port", str(serve_port), "--",
-                    "--datasets", "rgbnt201", "--num-samples", "1", "--max-epochs", "2", env=env)
+                    "--datasets", "rgbnt201", "msvr310", "--num-samples", "1", "--max-epochs", "2", env=env)
         assert demo.returncode == 0, demo.stdout[-5000:] + demo.stderr[-3000:]
         out = demo.stdout
         assert "STMI demo sweep 'readme' finished" in out
@@ -68,6 +70,7 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=config.bucket):
             keys += [o["Key"] for o in page.get("Contents", [])]
         assert any(mv.source.split("/")[-1] in k and k.endswith("MLmodel") for k in keys)
+        _check_sweep_in_mlflow(client, keys, "readme", ("rgbnt201", "msvr310"), epochs=2)
 
         serve_env = {**env, **config.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
         server = subprocess.Popen(serve_cmd, shell=True, env=serve_env, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -97,3 +100,47 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert "not running" in down2.stdout
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), pid
+
+
+def _check_sweep_in_mlflow(client, keys: list[str], name: str, datasets: tuple[str, ...], epochs: int) -> None:  # noqa: ANN001
+    """What a sweep of one Optuna trial per dataset leaves behind, read back from MLflow and the bucket's ``keys``:
+    a FINISHED parent per dataset with the Optuna plots, the summary and the report; its trial (the recipe's point,
+    every epoch logged once); the champion registered from it, its files in the bucket, and the version's tags and
+    description that a reviewer reads."""
+    exp = client.get_experiment_by_name(f"stmi-{name}")
+    assert exp is not None and exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    parents = {r.data.tags["stmi.dataset"]: r for r in runs if r.data.tags.get("stmi.role") == "parent"}
+    assert set(parents) == set(datasets)
+    recipe_point = {"model.K": 2.0, "model.tau": 0.5, "model.p": 0.1, "model.alpha_init": 0.1, "optim.lr": 3e-4}
+    for dataset, parent in parents.items():
+        assert parent.info.status == "FINISHED"
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 1, [c.info.run_name for c in children]
+        trial = children[0]
+        assert set(HPARAMS) <= set(trial.data.params), sorted(trial.data.params)
+        assert trial.info.status == "FINISHED", trial.info.status
+        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, "epoch")) == list(range(epochs))
+        # the first point Optuna evaluates is the recipe's (the paper's values)
+        assert all(abs(float(trial.data.params[k]) - v) < 1e-12 for k, v in recipe_point.items()), trial.data.params
+        artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+        assert {"optuna", "summary", "search_space"} <= artifacts
+        assert "optuna/optimization_history.png" in {f.path for f in client.list_artifacts(parent.info.run_id,
+                                                                                              "optuna")}
+        assert parent.data.params["best.trial_id"] == trial.data.tags["stmi.trial_id"]
+        assert parent.data.params["best.run_id"] == trial.info.run_id
+        mv = client.get_model_version_by_alias(f"stmi-{dataset}", "champion")
+        assert mv.run_id == parent.info.run_id and mv.tags["stmi.trained_run"] == trial.info.run_id
+        model_keys = [k for k in keys if "/mlflow/" in k and mv.source.split("/")[-1] in k]
+        assert any(k.endswith("MLmodel") for k in model_keys), "the registered model's files are not in the bucket"
+        assert any(k.endswith("best.pt") for k in model_keys), model_keys
+        assert float(mv.tags["metric.best_val_mAP"]) == trial.data.metrics["best_val_mAP"]
+        assert float(mv.tags["metric.test_mAP"]) == trial.data.metrics["test_mAP"]
+        assert mv.tags["stmi.data.fingerprint.train"] == trial.data.tags["stmi.data.fingerprint.train"]
+        assert mv.tags["stmi.code.source_hash"] == trial.data.tags["stmi.code.source_hash"]
+        assert mv.tags["stmi.sweep"] == name and mv.tags["stmi.trial"] == parent.data.params["best.trial_id"]
+        assert f"--rerun {trial.info.run_id}" in mv.description
+        note = parent.data.tags["mlflow.note.content"]
+        assert "orchestration/sweep.py" in note and "demo.yaml" in note and parent.data.params["best.trial_id"] in note
+        assert {"report/report.md", "report/report.html"} <= \
+            {f.path for f in client.list_artifacts(parent.info.run_id, "report")}

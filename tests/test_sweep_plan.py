@@ -19,3 +19,20 @@ def test_loader_plan_from_the_smallest_gpu_node() -> None:
     # no GPU node (or no GPU per worker): the old fixed plan
     assert node_loader_plan([{"CPU": 32.0}], 1.0) == (3.0, 2) == node_loader_plan([{"CPU": 8.0, "GPU": 1.0}], 0.0)
     assert PRESETS["paper"]["cpus_per_worker"] == "node"
+
+
+def test_a_trial_trained_before_the_stop_is_recognised_and_its_result_replayed() -> None:
+    from orchestration.sweep import EPOCHS_TRAINED, replayed_result, trained_to_the_end
+
+    done = {"epoch": 4.0, "best_val_mAP": 0.3, "test_mAP": 0.25, "system/cpu_utilization_percentage": 50.0}
+    assert trained_to_the_end({}, "FINISHED", 5)
+    # the driver died after the last epoch and the test were logged, before it ended the run
+    assert trained_to_the_end(done, "RUNNING", 5)
+    # one epoch short, or the last epoch without the test of the selected weights: train on
+    assert not trained_to_the_end(done, "RUNNING", 6)
+    assert not trained_to_the_end({"epoch": 4.0, "best_val_mAP": 0.3}, "RUNNING", 5)
+    # a run ASHA stopped (KILLED) is never taken for a finished one
+    assert not trained_to_the_end({"epoch": 1.0, "best_val_mAP": 0.3}, "KILLED", 5)
+    out = replayed_result(done)
+    assert out[EPOCHS_TRAINED] == 5 and out["best_val_mAP"] == 0.3 and out["test_mAP"] == 0.25
+    assert not any(k.startswith("system/") for k in out)

@@ -1,8 +1,8 @@
-"""Selection over seeds on tiny real sweeps (`ray job submit` against the test servers, 1 epoch each): a grid with
-`--seeds 2`, and an Optuna search whose 2 best configurations are confirmed with 2 new seeds. What is checked is
-read back from MLflow: the runs' seeds and tags, the grouping, the champion = the best MEAN validation mAP computed
-here from the runs, and the parent's mean and std equal to those of the runs; and a confirmation stopped half-way
-and resumed.
+"""Selection over seeds on tiny real sweeps (`ray job submit` against the test servers, 1 or 2 epochs a trial): a
+grid with `--seeds 2`, and an Optuna search whose 2 best configurations are confirmed with 2 new seeds. What is
+checked is read back from MLflow: the runs' seeds and tags, the grouping, the champion = the best MEAN validation mAP
+computed here from the runs, and the parent's mean and std equal to those of the runs; the confirmation's driver
+SIGKILLed and the sweep resumed; `ray job stop` of a sweep.
 """
 
 from __future__ import annotations
@@ -112,32 +112,74 @@ def _cli(ray_cluster, *args: str, timeout: float = 120) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _confirm_runs(client, status: str) -> dict[str, str]:  # noqa: ANN001
+    """The confirmation runs of the sweep in ``status``: trial id -> stmi.driver_starts."""
+    exp = client.get_experiment_by_name("stmi-seeds-confirm")
+    if exp is None:
+        return {}
+    return {r.data.tags["stmi.trial_id"]: r.data.tags.get("stmi.driver_starts", "")
+            for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("stmi.confirm_of") and r.info.status == status}
+
+
+def _wait_for_new_finished_confirmation(client, known: set[str], timeout: float = 900) -> dict[str, str]:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(2)
+        done = _confirm_runs(client, "FINISHED")
+        if set(done) - known:
+            return done
+    raise AssertionError(f"no confirmation run finished in {timeout} s (finished before: {sorted(known)})")
+
+
 def test_optuna_top_configurations_are_confirmed_over_new_seeds_and_resumed(ray_cluster, mlflow_server,
                                                                             data_root: Path, tmp_path: Path) -> None:
-    """2 search trials, both confirmed with 2 new seeds, one trial at a time; the job is stopped once a confirmation
-    run has finished and resumed: the confirmation continues where it was, nothing is trained twice."""
+    """2 search trials of 2 epochs, both confirmed with 2 new seeds, two trials at a time.
+
+    The sweep's driver is SIGKILLed once a confirmation run has finished, Tune saving its experiment state only when
+    an experiment starts or ends (``TUNE_GLOBAL_CHECKPOINT_S``): Tune's state then says that trial has not finished,
+    as it does on a cluster whenever a driver dies between a trial's end and Tune's next save. The resume: the runs
+    the dead driver left RUNNING are marked KILLED and reopened; the trial Tune restarts although it had finished
+    reports its result again and trains nothing; a trial interrupted half-way ends FINISHED with each epoch once;
+    no MLflow run is duplicated and no finished one trained again.
+    """
+    import signal
+
     from mlflow.tracking import MlflowClient
 
-    args = ("python", SWEEP, "--datasets", "rgbnt201", "--num-samples", "2", "--max-epochs", "1", "--confirm-top",
-            "2", "--seeds", "2", "--max-concurrent", "1", "--data-root", str(data_root), "--name", "seeds-confirm")
+    args = ("python", SWEEP, "--datasets", "rgbnt201", "--num-samples", "2", "--max-epochs", "2", "--confirm-top",
+            "2", "--seeds", "2", "--max-concurrent", "2", "--data-root", str(data_root), "--name", "seeds-confirm")
+    env_json = json.dumps({"env_vars": {"TUNE_GLOBAL_CHECKPOINT_S": "3600"}})
     sub = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--submission-id", "seeds-confirm-1",
-               "--no-wait", "--", *args)
+               "--runtime-env-json", env_json, "--no-wait", "--", *args)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     client = MlflowClient(mlflow_server.tracking_uri)
-    deadline = time.time() + 900
-    confirmed_before: set[str] = set()
-    while time.time() < deadline and not confirmed_before:
-        time.sleep(2)
-        exp = client.get_experiment_by_name("stmi-seeds-confirm")
-        if exp is not None:
-            confirmed_before = {r.data.tags["stmi.trial_id"] for r in client.search_runs([exp.experiment_id])
-                                if r.data.tags.get("stmi.confirm_of") and r.info.status == "FINISHED"}
-    assert confirmed_before, "no confirmation run finished before the deadline"
-    stop = _cli(ray_cluster, "stop", "--address", ray_cluster.dashboard_url, "seeds-confirm-1")
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    t0 = time.time()
+    finished = _wait_for_new_finished_confirmation(client, set())
+    print(f"{time.time() - t0:.0f} s: confirmation run(s) {sorted(finished)} finished; SIGKILL")
+    _, parent, _ = _sweep_runs(client, "seeds-confirm")
+    pid = int(parent.data.tags["stmi.driver.pid"])
+    assert "sweep.py" in Path(f"/proc/{pid}/cmdline").read_text(), "the parent's driver pid is not the sweep's"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # Ray sees its job's driver gone
+        status = _cli(ray_cluster, "status", "--address", ray_cluster.dashboard_url, "seeds-confirm-1")
+        if "Job 'seeds-confirm-1' failed" in status.stdout + status.stderr:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"the killed sweep's job is not FAILED: {status.stdout + status.stderr}")
+    assert _sweep_runs(client, "seeds-confirm")[1].info.status == "RUNNING"  # nobody could end it
+    print(f"{time.time() - t0:.0f} s: the job is FAILED; resuming")
+
     proc = ray_cluster.submit(*args, "--resume", timeout=900)
+    print(f"{time.time() - t0:.0f} s: the resume ended")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "resuming the Tune experiment" in proc.stdout and "rgbnt201-confirm" in proc.stdout
+    assert f"run {parent.info.run_id}" in proc.stdout and "marked KILLED" in proc.stdout, proc.stdout[-3000:]
+    assert "nothing is retrained" in proc.stdout, proc.stdout[-5000:]
+    assert _confirm_runs(client, "FINISHED").items() >= finished.items(), \
+        "a finished confirmation run was trained again"
 
     _, parent, children = _sweep_runs(client, "seeds-confirm")
     assert parent.info.status == "FINISHED"
@@ -147,18 +189,21 @@ def test_optuna_top_configurations_are_confirmed_over_new_seeds_and_resumed(ray_
     confirm = [c for c in children if c.data.tags.get("stmi.confirm_of")]
     assert len(search) == 2 and len(confirm) == 4, [c.info.run_name for c in children]
     assert all(c.data.tags["stmi.driver_starts"] == "1" for c in search.values()), "a search trial was run again"
+    for c in search.values():  # ASHA may stop one after its first epoch: KILLED
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "epoch")]
+        assert (c.info.status, sorted(steps)) in (("FINISHED", [0, 1]), ("KILLED", [0])), (c.info.status, steps)
+    resumed = [c.info.run_name for c in confirm if c.data.tags.get("stmi.resumed_from_epoch")]
+    print(f"confirmation runs resumed from a checkpoint: {resumed or 'none'}")
     groups: dict[str, list] = {}
     for c in confirm:
         of = c.data.tags["stmi.confirm_of"]
         assert of in search and c.data.tags["stmi.role"] == "confirm" and c.info.status == "FINISHED"
-        if c.data.tags["stmi.trial_id"] in confirmed_before:
-            assert c.data.tags["stmi.driver_starts"] == "1", "a finished confirmation run was trained again"
         # the confirmed configuration, with a seed other than the search's
         assert {k: c.data.params[k] for k in HPARAMS} == {k: search[of].data.params[k] for k in HPARAMS}
         assert search[of].data.params["optim.seed"] == str(BASE_SEED)
         assert c.data.tags["stmi.seed"] == c.data.params["optim.seed"] and c.info.run_name.startswith(f"rgbnt201-{of}")
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "epoch")]
-        assert len(steps) == len(set(steps)), steps
+        assert sorted(steps) == [0, 1], steps  # every epoch once, also for one resumed half-way
         groups.setdefault(of, []).append(c)
     assert {k: sorted(r.data.params["optim.seed"] for r in rs) for k, rs in groups.items()} == \
         {k: [str(BASE_SEED + 1), str(BASE_SEED + 2)] for k in search}
@@ -168,3 +213,37 @@ def test_optuna_top_configurations_are_confirmed_over_new_seeds_and_resumed(ray_
     report = _report(client, parent, tmp_path)["rgbnt201/champion"]["numbers"]["champion"]
     assert report["seeds"] == [str(BASE_SEED + 1), str(BASE_SEED + 2)]
     assert report["val_mAP"] == pytest.approx(parent.data.metrics["champion.best_val_mAP_mean"])
+
+
+def test_ray_job_stop_ends_the_sweep_killed_with_how_to_resume(ray_cluster, mlflow_server, data_root: Path) -> None:
+    """`ray job stop` (SIGTERM) while a trial trains: Tune unwinds, then the parent and the trial run end KILLED and
+    the parent says how to continue (the resume itself: the test above)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration import tracking
+
+    args = ("python", SWEEP, "--datasets", "rgbnt201", "--num-samples", "1", "--max-epochs", "3", "--confirm-top",
+            "0", "--data-root", str(data_root), "--name", "seeds-stop")
+    sub = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--submission-id", "seeds-stop-1",
+               "--no-wait", "--", *args)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    client = MlflowClient(mlflow_server.tracking_uri)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # until the trial has trained an epoch
+        time.sleep(1)
+        exp = client.get_experiment_by_name("stmi-seeds-stop")
+        trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stmi.trial_id")] if exp else []
+        if trials and client.get_metric_history(trials[0].info.run_id, "epoch"):
+            break
+    else:
+        raise AssertionError("the sweep's trial never logged an epoch: "
+                             + _cli(ray_cluster, "logs", "--address", ray_cluster.dashboard_url,
+                                    "seeds-stop-1").stdout[-3000:])
+    stop = _cli(ray_cluster, "stop", "--address", ray_cluster.dashboard_url, "seeds-stop-1")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    _, parent, children = _sweep_runs(client, "seeds-stop")
+    assert parent.info.status == "KILLED", parent.info.status
+    resume_cmd = parent.data.tags[tracking.RESUME_TAG]
+    assert resume_cmd.startswith("ray job submit -- python orchestration/sweep.py ") and \
+        "--name seeds-stop" in resume_cmd and "--resume" in resume_cmd, resume_cmd
+    assert [c.info.status for c in children] == ["KILLED"], [(c.info.run_name, c.info.status) for c in children]
