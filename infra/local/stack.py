@@ -463,6 +463,7 @@ class Service:
     port_names: tuple[str, ...] = ()
     start_timeout: float = 60.0
     stop_timeout: float = 30.0
+    term_timeout: float = 10.0  # after stop_timeout: how long SIGTERM to every process of the session may take
     signal_group: bool = True
 
     def __init__(self, config: StackConfig) -> None:
@@ -642,7 +643,7 @@ class Service:
                         os.kill(member, sig)
                     except ProcessLookupError:
                         pass
-                if self._wait_gone(pid, 10.0):
+                if self._wait_gone(pid, self.term_timeout):
                     break
         left = _session_members(pid)
         if left:
@@ -844,7 +845,11 @@ class RayHead(Service):
     port_names = ("ray_gcs", "ray_dashboard", "ray_client", "ray_node_manager", "ray_object_manager", "ray_metrics",
                   "ray_dashboard_agent_listen", "ray_dashboard_agent_grpc", "ray_runtime_env_agent")
     start_timeout = 120.0
-    stop_timeout = 40.0  # Ray drains for up to 30 s on SIGTERM
+    # `ray start --block` stops its processes in ~4 s when idle, but after a Ray Train run it waits ~30 s on one of
+    # them; `down` has stopped the jobs by then and Ray keeps nothing to save: after 8 s the whole session gets
+    # SIGTERM, then SIGKILL (Service.stop)
+    stop_timeout = 8.0
+    term_timeout = 3.0
     signal_group = False
 
     @property
