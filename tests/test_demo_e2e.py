@@ -51,7 +51,7 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
         # The job inherits the Ray head's environment, so the demo data location must be set there too: the
         # stack was started with STMI_DEMO_DATA in its environment above.
         demo = _cli("demo", *common, "--name", "readme", "--serve-port", str(serve_port), "--",
-                    "--datasets", "rgbnt201", "msvr310", "--num-samples", "1", "--max-epochs", "2", env=env)
+                    "--datasets", "rgbnt201", "msvr310", "--num-samples", "1", "--max-epochs", "1", env=env)
         assert demo.returncode == 0, demo.stdout[-5000:] + demo.stderr[-3000:]
         out = demo.stdout
         assert "STMI demo sweep 'readme' finished" in out
@@ -70,7 +70,7 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=config.bucket):
             keys += [o["Key"] for o in page.get("Contents", [])]
         assert any(mv.source.split("/")[-1] in k and k.endswith("MLmodel") for k in keys)
-        _check_sweep_in_mlflow(client, keys, "readme", ("rgbnt201", "msvr310"), epochs=2)
+        _check_sweep_in_mlflow(client, keys, "readme", ("rgbnt201", "msvr310"), epochs=1)
 
         serve_env = {**env, **config.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
         server = subprocess.Popen(serve_cmd, shell=True, env=serve_env, cwd=REPO, stdout=subprocess.DEVNULL,

@@ -282,7 +282,7 @@ def test_provenance_on_a_working_dir_job_and_a_deterministic_rerun(ray_cluster, 
 
     upload = _upload_dir(tmp_path / "upload")
     args = ["python", "-m", "orchestration.train", "--dataset", "rgbnt201", "--data-root", str(synth_root),
-            "--recipe", "demo", "--workers", "1", "--cpus-per-worker", "0.9", "--epochs", "2",
+            "--recipe", "demo", "--workers", "1", "--cpus-per-worker", "0.9", "--epochs", "1",
             "--experiment", "stmi-rerun-test", "--set", "optim.deterministic=true", "--set", "data.num_workers=1"]
     first = ray_cluster.submit(*args, "--name", "det-a", extra_args=("--working-dir", str(upload)), timeout=900)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
@@ -307,7 +307,7 @@ def test_provenance_on_a_working_dir_job_and_a_deterministic_rerun(ray_cluster, 
     assert "same code version and data fingerprints" in second.stdout
     b = _run_for(client, "stmi-rerun-test", "det-b")
     assert b.data.tags["stmi.rerun_of"] == a.info.run_id
-    assert b.data.params["optim.deterministic"] == "True" and b.data.params["optim.epochs"] == "2"
+    assert b.data.params["optim.deterministic"] == "True" and b.data.params["optim.epochs"] == "1"
     for metric in ("val_mAP", "train_loss", "test_mAP", "test_R1", "untrained_val_mAP"):
         ha = [(m.step, m.value) for m in client.get_metric_history(a.info.run_id, metric)]
         hb = [(m.step, m.value) for m in client.get_metric_history(b.info.run_id, metric)]
