@@ -1,5 +1,5 @@
-"""Selection over seeds on tiny real sweeps (`ray job submit` against the test servers, 1 or 2 epochs a trial): a
-grid with `--seeds 2`, and an Optuna search whose 2 best configurations are confirmed with 2 new seeds. What is
+"""Selection over seeds on tiny real sweeps (`ray job submit` against the test servers, 1 epoch a trial): a grid
+with `--seeds 2`, and an Optuna search whose 2 best configurations are confirmed with 2 new seeds. What is
 checked is read back from MLflow: the runs' seeds and tags, the grouping, the champion = the best MEAN validation mAP
 computed here from the runs, and the parent's mean and std equal to those of the runs; the confirmation's driver
 SIGKILLed and the sweep resumed; `ray job stop` of a sweep.
