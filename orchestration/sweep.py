@@ -38,6 +38,7 @@ from orchestration.demo_data import ensure_demo_dataset
 from orchestration.search_space import SearchSpace, SearchSpaceError, load_search_space
 from orchestration.settings import PlatformSettings, SettingsError
 from orchestration.train import (
+    EPOCHS_TRAINED,
     EXPORT_DIR,
     EXPORT_FILE,
     MISSING_CHOICES,
@@ -177,12 +178,6 @@ def train_driver(config: dict[str, Any]) -> None:
         logger.terminate("FAILED")
         raise RuntimeError(f"trial {trial_id} failed: {failure_message(e)}") from None
     logger.terminate("FINISHED")
-
-
-EPOCHS_TRAINED = "epochs_trained"
-"""The Tune result key of a trial's progress: epochs trained (``orchestration.train.RayReport`` adds it). Not Tune's
-``training_iteration``, which counts the reports of one driver start and so restarts at 1 when a resumed trial
-continues from its Train checkpoint."""
 
 
 def trained_to_the_end(metrics: dict[str, float], status: str, max_epochs: int) -> bool:

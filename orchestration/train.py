@@ -133,6 +133,12 @@ def log_missing(tracker: RunLogger, missing: dict[str, Any]) -> None:
     tracker.log_table(missing_table(missing), MISSING_TABLE)
 
 
+EPOCHS_TRAINED = "epochs_trained"
+"""The key :class:`RayReport` adds to each epoch's report: epochs trained so far. A sweep's Tune progress (ASHA's
+``time_attr``, a trial's FINISHED/KILLED outcome) reads it, not Tune's ``training_iteration``, which counts the
+reports of one driver start and so restarts at 1 when a resumed trial continues from its Train checkpoint."""
+
+
 class RayReport(Callback):
     """Every epoch: rank 0 reports its metrics with the checkpoint (through Ray's storage), other ranks without."""
 
@@ -141,7 +147,7 @@ class RayReport(Callback):
 
         from stmi.engine import save_fit_checkpoint
 
-        metrics = {**end.metrics, "epochs_trained": end.epoch + 1}  # a sweep's progress (sweep.EPOCHS_TRAINED)
+        metrics = {**end.metrics, EPOCHS_TRAINED: end.epoch + 1}
         if not run.is_main:
             ray.train.report(metrics)
             return
