@@ -1,6 +1,6 @@
 """Does the synthetic benchmark tell a better model from a worse one? Paper table 3 on synthetic RGBNT201.
 
-Trains the ``demo`` recipe's tiny model (``stmi-tiny``, random init, 64x32 inputs) on synthetic RGBNT201 made by
+Trains the ``demo`` recipe's tiny model (``stmi-tiny-p8``, random init, 64x32 inputs) on synthetic RGBNT201 made by
 ``stmi.data.synth`` (``difficulty="hard"`` by default) for each row of the paper's table 3, over several seeds, and
 prints the test mAP / R1 of each row as mean +- std over the seeds, beside the untrained model's:
 

@@ -1,6 +1,6 @@
 """Does modality dropout make STMI robust to missing modalities? The missing-modality table on synthetic RGBNT201.
 
-Trains the ``demo`` recipe's tiny model (``stmi-tiny``, random init, 64x32 inputs) on synthetic RGBNT201 made by
+Trains the ``demo`` recipe's tiny model (``stmi-tiny-p8``, random init, 64x32 inputs) on synthetic RGBNT201 made by
 ``stmi.data.synth`` twice per seed, without modality dropout (``data.modality_dropout=0``, the paper recipe) and
 with it (``--dropout``, each modality of a training triplet dropped with that probability, never all three), and
 evaluates both on the test set with the missing-modality protocols of ``stmi.eval_missing``:

@@ -40,7 +40,7 @@ class ModelConfig:
     """The STMI model (paper eq. 1-20; the choices the paper leaves open: docs/design.md)."""
 
     clip_model: str = "ViT-B-16"
-    """open_clip model config name; ``stmi-tiny`` is the tiny registered config for tests and the demo."""
+    """open_clip model config name; ``stmi-tiny`` (tests) and ``stmi-tiny-p8`` (demo) are tiny registered ones."""
     pretrained: str | None = None
     """``None`` (random init), ``openai`` (the user's open_clip cache) or a path to a local CLIP checkpoint."""
     image_size: tuple[int, int] = (256, 128)

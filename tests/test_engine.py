@@ -30,6 +30,7 @@ from stmi.engine import (
     seed_everything,
     train_one_epoch,
 )
+from stmi.model.backbone import DEMO_MODEL, DEMO_MODEL_CONFIG
 from stmi.recipes import RECIPES, recipe
 
 
@@ -192,9 +193,11 @@ def test_recipes(dataset):
     assert (p.optim.lr, p.optim.min_lr, p.optim.seed, p.optim.epochs) == (3.5e-6, 3.5e-7, 1111, 50)
     assert p.model.use_sie and p.model.num_cameras > 0
     d = recipe("demo", dataset)
-    assert d.model.clip_model == "stmi-tiny" and d.model.pretrained is None
+    assert d.model.clip_model == DEMO_MODEL and d.model.pretrained is None
     h, w = d.model.image_size
-    assert (h > w) == (dataset == "rgbnt201") and h % 16 == 0 and w % 16 == 0
+    patch = DEMO_MODEL_CONFIG["vision_cfg"]["patch_size"]
+    assert (h > w) == (dataset == "rgbnt201") and h % patch == 0 and w % patch == 0
+    assert (h // patch) * (w // patch) == 32  # tokens small enough for the object's mask to mark some of its own
     assert d.data.batch_size % d.data.num_instances == 0 and d.data.num_workers == 0
     assert d.optim.lr > 10 * p.optim.lr and d.optim.head_lr_mult > 1
     assert set(RECIPES) == {"paper", "demo"}
