@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -27,3 +28,27 @@ def test_secret_never_in_repr_or_in_the_pickled_filesystem(monkeypatch: pytest.M
     assert ENV["AWS_SECRET_ACCESS_KEY"].encode() not in pickle.dumps(s.storage_filesystem())
     assert s.ray_storage_path == "b/stmi/ray"
     assert redact(f"error: key={ENV['AWS_SECRET_ACCESS_KEY']}") == "error: key=***"
+
+
+def test_importing_the_platform_turns_mlflow_telemetry_off() -> None:
+    """MLflow's telemetry thread removes a variable from os.environ while HTTP requests copy it: a sweep trial failed
+    with ``API request to .../runs/get failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'``. Importing
+    ``orchestration`` first turns telemetry off; without it (the control) MLflow starts its client, so this test
+    would fail if the import stopped doing so. MLflow itself skips telemetry under pytest and CI: the children run
+    without those variables."""
+    import subprocess
+    import sys
+
+    ci = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "TF_BUILD",
+          "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION",
+          "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+    env = {k: v for k, v in os.environ.items() if k not in ci}
+    probe = "import mlflow.telemetry as t; print(t.get_telemetry_client() is None)"
+
+    def telemetry_off(first: str) -> str:
+        out = subprocess.run([sys.executable, "-c", first + probe], env=env, capture_output=True, text=True,
+                             timeout=120, check=True)
+        return out.stdout.strip()
+
+    assert telemetry_off("") == "False"  # the control: MLflow would start its telemetry client here
+    assert telemetry_off("import orchestration; ") == "True"

@@ -216,6 +216,11 @@ def test_config_credentials_and_paths(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="stack.json is not valid JSON"):
         StackConfig.load(long_dir)
     assert json.loads(json.dumps(config.env()))["STMI_S3_BUCKET"] == "stmi"
+    # MLflow's telemetry thread races HTTP requests over os.environ (orchestration/__init__.py): off for the clients,
+    # the Ray head (its workers inherit it) and the MLflow server.
+    assert config.env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert MlflowServer(config).child_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert RayHead(config).child_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
 def test_free_ports_are_distinct_and_free() -> None:

@@ -354,6 +354,8 @@ class StackConfig:
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
             # Loopback only (the module docstring): a node and its clients must agree, so clients carry it too.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            # MLflow's telemetry thread races HTTP requests over os.environ (orchestration/__init__.py).
+            "MLFLOW_DISABLE_TELEMETRY": "true",
         }
 
     def write_secrets(self) -> None:
@@ -817,7 +819,8 @@ class MlflowServer(Service):
 
     def extra_env(self) -> dict[str, str]:
         # Credentials by file (named in the environment), never on the command line (visible in `ps`).
-        return {**self.config.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        return {**self.config.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "MLFLOW_DISABLE_TELEMETRY": "true"}
 
     def health(self) -> str | None:
         try:
