@@ -5,7 +5,8 @@ otherwise): its background thread, on failing to fetch its configuration (always
 access), removes ``_MLFLOW_TELEMETRY_SESSION_ID`` from ``os.environ`` while another thread's HTTP request to the
 tracking server copies ``os.environ`` (``requests`` reads proxy settings from it), and that request fails with
 ``MlflowException: API request to .../runs/get failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'``. A sweep
-trial died of it. The local stack and the cluster manifests set the same variable for the servers.
+trial died of it. The local stack (``infra/local``) and the platform image (``infra/cluster/Dockerfile``) set the
+same variable for the servers and for processes that import MLflow before this package.
 """
 
 import os

@@ -64,8 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "confirm_top": 3, "confirm_seeds": CONFIRM_SEEDS},
 }
 """``confirm_top`` / ``confirm_seeds``: the Optuna confirmation's defaults (``--confirm-top``, ``--seeds``). The demo
-leaves it off to stay near 5 minutes on 2 CPUs (``--confirm-top 1`` adds about 70 s per dataset there: measured 502 s
-for the whole demo with it; about 290 s without, derived from the same run).
+leaves it off to stay near 5 minutes on 2 CPUs (measured on an idle 2-CPU machine, stack start included: 322 s
+without it, 564 s with ``--confirm-top 1 --seeds 2``).
 ``cpus_per_worker: "node"``: CPUs per training worker and ``data.num_workers`` from the cluster's GPU nodes
 (:func:`node_loader_plan`) unless ``--cpus-per-worker`` / ``--set data.num_workers=...`` say otherwise."""
 MAX_LOADER_WORKERS = 8
