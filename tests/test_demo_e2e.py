@@ -20,6 +20,8 @@ import pytest
 
 from infra.local.stack import LocalStack, Ports, StackConfig
 from orchestration.sweep import HPARAMS
+from stmi.config import flatten
+from stmi.recipes import recipe
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parent.parent
@@ -112,8 +114,9 @@ def _check_sweep_in_mlflow(client, keys: list[str], name: str, datasets: tuple[s
     runs = client.search_runs([exp.experiment_id])
     parents = {r.data.tags["stmi.dataset"]: r for r in runs if r.data.tags.get("stmi.role") == "parent"}
     assert set(parents) == set(datasets)
-    recipe_point = {"model.K": 2.0, "model.tau": 0.5, "model.p": 0.1, "model.alpha_init": 0.1, "optim.lr": 3e-4}
     for dataset, parent in parents.items():
+        recipe_point = {k: v for k, v in flatten(recipe("demo", dataset)).items() if k in HPARAMS}
+        assert set(recipe_point) == set(HPARAMS)
         assert parent.info.status == "FINISHED"
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(children) == 1, [c.info.run_name for c in children]
