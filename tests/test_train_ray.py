@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from stmi.data.synth import make_synthetic
+from stmi.recipes import recipe
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,8 @@ def test_ddp_training_logs_to_mlflow_and_s3(ray_cluster, mlflow_server, synth_ro
     run = _run_for(client, "stmi-train-test", "ddp-ok")
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.clip_model"] == "stmi-tiny" and params["train.world_size"] == "2"
+    assert params["model.clip_model"] == recipe("demo", "rgbnt201").model.clip_model
+    assert params["train.world_size"] == "2"
     assert params["optim.epochs"] == "4" and params["data.dataset"] == "rgbnt201"
     for metric in ("epoch", "train_loss", "train_G_tri", "train_U_ce", "train_T_ce", "train_lr", "val_mAP", "val_R1"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
