@@ -210,7 +210,7 @@ def fit(cfg: STMIConfig, run_name: str, *, settings: Any, run_id: str | None, wo
         callbacks: Extra Ray Train ``UserCallback`` s (a Tune trial passes ``TuneReportCallback``).
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if gpus_per_worker:
@@ -219,7 +219,7 @@ def fit(cfg: STMIConfig, run_name: str, *, settings: Any, run_id: str | None, wo
         storage = {"storage_path": str(Path(local_storage).absolute())}
     else:
         storage = {"storage_path": settings.ray_storage_path, "storage_filesystem": settings.storage_filesystem()}
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_fn_per_worker,
         train_loop_config={"stmi": to_dict(cfg), "run_id": run_id,
                            "tracking_uri": settings.tracking_uri if settings is not None else None},
@@ -238,6 +238,29 @@ def fit(cfg: STMIConfig, run_name: str, *, settings: Any, run_id: str | None, wo
         ),
     )
     return trainer.fit()
+
+
+def trainer_class() -> type:
+    """``TorchTrainer`` without Ray Data's set-up, which a trainer given no ``datasets`` (ours) never uses.
+
+    Ray Train 2.60 starts a ``DatasetManager`` actor for every run, datasets or not, before the training function
+    may start (its ``DatasetsCallback``): a new process importing Ray Data, ~5 s of every run's start on 2 CPUs, in
+    every sweep trial. This subclass leaves that callback out when there are no datasets; everything else (backend,
+    placement-group cleaner, working directory, metrics, user callbacks) is Ray's own list.
+    ``_create_default_callbacks`` is private: ``tests/test_train_ray.py`` checks the list and, on a real run, that
+    no ``DatasetManager`` is started, so a Ray upgrade that changes it fails there rather than silently.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class STMITrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return STMITrainer
 
 
 def no_retry_on_data_error() -> Any:

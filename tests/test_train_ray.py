@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -88,6 +89,39 @@ def test_ddp_training_logs_to_mlflow_and_s3(ray_cluster, mlflow_server, synth_ro
     assert any("/ray/ddp-ok/" in k and k.endswith("state.pt") for k in keys), "no Ray checkpoint in S3"
     secret = mlflow_server.s3.secret_key
     assert secret not in str(params) and secret not in str(run.data.tags) and secret not in proc.stdout + proc.stderr
+    # The run started no Ray Data manager (orchestration.train.trainer_class) and no preemption watcher (off on the
+    # local stack: RayHead.extra_env); Ray's state API lists every actor the cluster ever had.
+    classes = _actor_classes(ray_cluster)
+    assert {"TrainController", "RayTrainWorker"} <= classes, classes
+    assert not classes & {"DatasetManager", "PreemptionWatcher"}, classes
+
+
+def _actor_classes(ray_cluster) -> set[str]:  # noqa: ANN001
+    token = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    req = urllib.request.Request(f"{ray_cluster.dashboard_url}/api/v0/actors?limit=10000",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return {a["class_name"] for a in json.load(r)["data"]["result"]["result"]}
+
+
+def test_trainer_leaves_out_only_ray_data_when_given_no_datasets() -> None:
+    """``trainer_class`` overrides a private method of Ray's trainer: its callbacks are Ray's own list minus the
+    datasets callback, and the whole list when datasets are given (a Ray upgrade that changes it fails here)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    from orchestration.train import trainer_class
+
+    def kinds(cls: type, **kw: object) -> list[str]:
+        t = cls(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kw)
+        return [type(c).__name__ for c in t._create_default_callbacks()]
+
+    ours, ray_own = kinds(trainer_class()), kinds(TorchTrainer)
+    assert DatasetsCallback.__name__ in ray_own and DatasetsCallback.__name__ not in ours
+    assert ours == [k for k in ray_own if k != DatasetsCallback.__name__]
+    datasets = {"train": object()}
+    assert kinds(trainer_class(), datasets=datasets) == kinds(TorchTrainer, datasets=datasets)
 
 
 def _train_workers(temp_dir: Path) -> list[psutil.Process]:
