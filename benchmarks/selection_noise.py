@@ -31,7 +31,7 @@ Measured (2-core CPU, otherwise idle; 3 epochs; val / test mAP mean +- std; gap 
 What it shows: with the demo's 20 identities the validation split holds 3 identities (9 queries), a seed moves the
 validation mAP by +- 0.12, and the two configurations cannot be told apart. 40 identities with a 35 % split (10
 validation identities) bring the seed std to 0.02-0.05; B is then ahead on all three datasets, on validation and on
-test, by about 1-1.5 std: the lower learning rate is no worse at 3 epochs. So the demo sweep's ranking (the recipe
+test, by 0.8-1.6 std: the lower learning rate is no worse at 3 epochs. So the demo sweep's ranking (the recipe
 first, B cut after one epoch by ASHA) is not a measurement of the two configurations; ``benchmarks/ablation.py`` is
 where the synthetic data tells models apart (SFM against the baseline: 2-5 std).
 """
