@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ids = [int(x) for x in a.ids.split(",")]
     fractions = [float(x) for x in a.val_fraction.split(",")]
+    bad_b = [item for item in a.b if "=" not in item]
+    if bad_b:
+        print(f"error: --b {bad_b[0]!r}: expected FIELD=VALUE, e.g. optim.lr=3e-4", file=sys.stderr)
+        return 2
     b = B_DEFAULT if not a.b else {k: _value(v) for k, v in (item.split("=", 1) for item in a.b)}
     configs = {"A": {}, "B": b}
     t0 = time.perf_counter()

@@ -899,8 +899,8 @@ class RayHead(Service):
         # the job and state APIs and MLflow's system metrics remain.)
         env["RAY_enable_metrics_collection"] = "0"
         # Ray Train's preemption watcher (one actor per run, started before the training function) polls whether a
-        # node is being drained, which a one-node local stack never is; it cost ~4 s of every run's start on 2
-        # CPUs. Cluster images keep it (spot nodes are drained).
+        # node is being drained, which a one-node local stack never is; with Ray Data's manager it delayed every
+        # run's training function (orchestration.train.trainer_class). Cluster images keep it (spot nodes are drained).
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         return env
 
