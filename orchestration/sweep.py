@@ -58,7 +58,7 @@ CONFIRM_SEEDS = 3
 """Seeds per confirmed configuration unless ``--seeds`` says otherwise."""
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"recipe": "demo", "search_space": "demo", "num_samples": 2, "max_epochs": 3, "workers_per_trial": 1,
-             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 1, "confirm_top": 0, "confirm_seeds": 2},
+             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 3, "confirm_top": 0, "confirm_seeds": 2},
     "paper": {"recipe": "paper", "search_space": "paper", "num_samples": 24, "max_epochs": None,
               "workers_per_trial": 1, "cpus_per_worker": "node", "gpus_per_worker": 1.0, "grace_period": 10,
               "confirm_top": 3, "confirm_seeds": CONFIRM_SEEDS},
@@ -66,6 +66,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 """``confirm_top`` / ``confirm_seeds``: the Optuna confirmation's defaults (``--confirm-top``, ``--seeds``). The demo
 leaves it off to stay near 5 minutes on 2 CPUs (measured on an idle 2-CPU machine, stack start included: 322 s
 without it, 564 s with ``--confirm-top 1 --seeds 2``).
+The demo's grace period is its whole budget, so ASHA stops no trial: its two trials run at once, so a trial stopped
+early frees a CPU for nobody, and with two trials ASHA's rung compares the second to report with the first, which
+made the winner depend on which process started faster (measured: the same demo picked either trial of RGBNT201 on
+two runs). Both train 3 epochs and are compared at the same budget.
 ``cpus_per_worker: "node"``: CPUs per training worker and ``data.num_workers`` from the cluster's GPU nodes
 (:func:`node_loader_plan`) unless ``--cpus-per-worker`` / ``--set data.num_workers=...`` say otherwise."""
 MAX_LOADER_WORKERS = 8
@@ -218,8 +222,9 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
         search_alg = None
         num_samples = 1
     else:
-        scheduler = ASHAScheduler(time_attr=EPOCHS_TRAINED, max_t=spec.max_epochs,
-                                  grace_period=min(grace_period, spec.max_epochs), reduction_factor=2)
+        if grace_period < spec.max_epochs:  # else ASHA could stop no trial: none at all
+            scheduler = ASHAScheduler(time_attr=EPOCHS_TRAINED, max_t=spec.max_epochs, grace_period=grace_period,
+                                      reduction_factor=2)
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
@@ -560,7 +565,8 @@ def parser() -> argparse.ArgumentParser:
                    "final test also runs the missing-modality protocols (topreid: six settings, any2any: 49, all)")
     p.add_argument("--num-samples", type=int, help="trials per dataset (Optuna); a grid runs each variant once")
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that ASHA does not stop")
-    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped; at least "
+                   "--max-epochs: no early stopping (default: paper 10, demo 3 = its budget)")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per training worker (default: the preset's; paper: "
                    "from the GPU nodes' CPUs, with data.num_workers to match)")
@@ -697,7 +703,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{dataset}] {trials} trial(s)" + (f" ({len(ss.variants)} variants x seeds "
                                                       f"{', '.join(map(str, seeds))})"
                                                       if ss.kind == "grid" and n_seeds > 1 else "")
-                  + f", up to {max_epochs} epochs each, {max_concurrent} at a time", flush=True)
+                  + f", up to {max_epochs} epochs each, {max_concurrent} at a time"
+                  + (f"; ASHA may stop a trial after {args.grace_period} epoch(s)"
+                     if ss.kind == "optuna" and args.grace_period < max_epochs else "; no early stopping"), flush=True)
             tuner = build_tuner(spec, args.num_samples, max_concurrent, args.grace_period, args.seed, args.resume,
                                 seeds=seeds if ss.kind == "grid" else None)
             results = tuner.fit()
