@@ -52,6 +52,8 @@ def ensure_demo_dataset(dataset: str, ids: int | None = None, seed: int = 0) -> 
     with open(base / f".{dataset}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_complete(done, made_as):
+            print(f"making the synthetic {dataset} demo dataset ({made_as['ids']} identities) under {base} ...",
+                  flush=True)
             tmp = base / f".{dataset}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
             make_synthetic(dataset, tmp, made_as["ids"], seed=seed, images_per_id=DEMO_IMAGES_PER_ID)

@@ -863,8 +863,9 @@ def _fmt(v: Any) -> str:
 def _data_root(args: argparse.Namespace, dataset: str) -> str:
     if args.data_root:
         return str(Path(args.data_root).expanduser().absolute())
-    print(f"[{dataset}] synthetic demo data (generated on first use)...", flush=True)
-    return str(ensure_demo_dataset(dataset))
+    root = str(ensure_demo_dataset(dataset))  # made on first use
+    print(f"[{dataset}] synthetic demo data: {root}", flush=True)
+    return root
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ def test_readme_demo_path(tmp_path_factory: pytest.TempPathFactory) -> None:
         out = demo.stdout
         assert "STMI demo sweep 'readme' finished" in out
         assert re.search(r"rgbnt201\s+\S+\s+0\.\d{3}\s+0\.\d{3}", out), out[-2000:]
+        # every trial with its validation mAP, and what a seed does to that number
+        assert "Every trial by validation mAP" in out and "Seed noise:" in out, out[-3000:]
+        trial = r"msvr310\s+\w{8}\s+0\.\d{3}\s+1 epoch\(s\)\s+alpha \S+ beta \S+ p \S+ tau \S+ K \d+ lr "
+        assert re.search(trial, out), out[-3000:]
         serve_cmd = next(line.strip() for line in out.splitlines() if "mlflow models serve" in line)
         curl_cmd = next(line.strip() for line in out.splitlines() if line.strip().startswith("curl "))
 

@@ -400,3 +400,30 @@ def test_deterministic_mode_gives_bit_identical_runs(small_root):
     (h1, w1), (h2, w2) = results
     assert h1 == h2 and "val_mAP" in h1[-1] and "test_mAP" in h1[-1]
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_the_untrained_evaluation_leaves_training_as_it_was(small_root):
+    """A run that evaluates the untrained model (every tracked run does) trains exactly as one that does not."""
+    cfg = _cfg(small_root, **{"optim.epochs": 1})
+    timing = ("train_time_s", "train_triplets_per_s")
+    histories, untrained = [], []
+    for evaluate_untrained in (False, True):
+        rec = Recorder()
+        state = fit(prepare_run(cfg), callbacks=[rec], evaluate_untrained=evaluate_untrained, progress=False)
+        histories.append([{k: v for k, v in h.items() if k not in timing} for h in state.history])
+        untrained.append(rec.calls[0] == "untrained")
+    assert untrained == [False, True]
+    assert histories[0] == histories[1]
+
+
+def test_random_state_kept_restores_every_generator():
+    from stmi.engine import random_state_kept
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    with random_state_kept("cpu"):
+        torch.rand(5), np.random.rand(5), random.random()
+        torch.utils.data.DataLoader(list(range(4))).__iter__()  # draws its base seed from torch's generator
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]

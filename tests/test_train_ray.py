@@ -213,8 +213,11 @@ def test_bad_data_root_fails_before_any_run_is_created(ray_cluster, mlflow_serve
 
 
 def test_ray_job_stop_ends_the_run_killed_with_how_to_resume(ray_cluster, mlflow_server, synth_root: Path) -> None:
-    import shlex
+    """`ray job stop` ends the run KILLED, with the command that resumes it in a tag and in the job's log.
 
+    That the command resumes the run from its last checkpoint and completes it, every epoch logged once:
+    tests/test_faults.py (`make down` mid-run, which stops the job the same way, then runs the tag's command).
+    """
     from mlflow.tracking import MlflowClient
 
     epochs, name = 4, "ddp-stop"
@@ -239,17 +242,7 @@ def test_ray_job_stop_ends_the_run_killed_with_how_to_resume(ray_cluster, mlflow
     assert resume.startswith("ray job submit -- python orchestration/train.py ") and f"--name {name}" in resume
     logs = _job_cli(ray_cluster, "logs", "train-stop-1")
     assert "ended KILLED; continue with: ray job submit" in logs.stdout, logs.stdout[-2000:]
-
-    # The tag's command continues the same run from its last checkpoint to the end.
-    entry = shlex.split(resume.split(" -- ", 1)[1])
-    assert entry[:2] == ["python", "orchestration/train.py"]
-    entry[1] = str(REPO / entry[1])  # the test cluster's jobs do not run in the repository folder
-    again = ray_cluster.submit(*entry, timeout=900)
-    assert again.returncode == 0, again.stdout[-4000:]
-    run = _run_for(client, "stmi-train-test", name)
-    assert run.info.status == "FINISHED" and "test_mAP" in run.data.metrics
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
-    assert sorted(steps) == list(range(epochs)), steps
+    assert len(client.get_metric_history(run.info.run_id, "epoch")) < epochs  # stopped, not finished
 
 
 def _failure_decisions(temp_dir: Path, run_name: str) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ def _env(config: StackConfig) -> dict[str, str]:
 def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None, serve_port: int = SERVE_PORT) -> int:
     """Start the stack, run the sweep job, print the report; returns the job's exit code."""
     stack = LocalStack(config)
-    stack.up()
+    with DemoData(sweep_args):  # made while the stack starts, which waits on its servers most of the time
+        stack.up()
     name = name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", config.dashboard_url, "--",
            "python", "orchestration/sweep.py", "--name", name, *sweep_args]
@@ -43,6 +45,54 @@ def run_demo(config: StackConfig, sweep_args: list[str], name: str | None = None
         return rc
     print(report(config, name, serve_port, data_root=sweep_data_root(sweep_args)), flush=True)
     return 0
+
+
+class DemoData:
+    """The synthetic datasets the demo sweep will read, made in a thread while the stack starts.
+
+    Only for the demo preset without ``--data-root``, and only what is not made yet (``ensure_demo_dataset``; its
+    file lock keeps the job's own check from making them twice). The job inherits this process's environment
+    through the Ray head, so both use the same ``$STMI_DEMO_DATA``. A failure is raised on leaving the block.
+    """
+
+    def __init__(self, sweep_args: list[str]) -> None:
+        import argparse
+
+        from stmi.config import DATASETS
+
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--data-root")
+        parser.add_argument("--preset", default="demo")
+        parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+        args = parser.parse_known_args(sweep_args)[0]
+        self.datasets = [] if args.data_root or args.preset != "demo" else list(args.datasets)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def _make(self) -> None:
+        from orchestration.demo_data import ensure_demo_dataset
+
+        try:
+            for dataset in self.datasets:
+                ensure_demo_dataset(dataset)
+        except BaseException as e:  # noqa: BLE001 - raised in the main thread by __exit__
+            self.error = e
+
+    def __enter__(self) -> DemoData:
+        if self.datasets:
+            from orchestration.demo_data import demo_root
+
+            print(f"synthetic demo data for {', '.join(self.datasets)} under {demo_root()} (made on first use, "
+                  "while the stack starts)", flush=True)
+            self.thread = threading.Thread(target=self._make, name="demo-data", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def sweep_data_root(sweep_args: list[str]) -> Path | None:
@@ -84,6 +134,13 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT, d
         lines.append(f"{ds:10s} {p.get('best.trial_id', '-'):12s} {scores[0]:>8s} {scores[1]:>9s} {scores[2]:>6s} "
                      f"{scores[3]:>6s} {scores[4]:>6s}  {seeds:30s}  models:/stmi-{ds}@champion (v{version})")
         first_dataset = first_dataset or ds
+    trial_lines = _trial_lines(client, exp.experiment_id, parents)
+    if trial_lines:
+        lines += ["", "Every trial by validation mAP (what the sweep ranks by; test mAP is never used to choose):",
+                  *trial_lines,
+                  f"Seed noise: the std over training seeds of one configuration's validation mAP is {DEMO_SEED_STD} "
+                  "on this data (`python benchmarks/selection_noise.py --ids 40 --val-fraction 0.35`); a gap of "
+                  "several times that is the configuration, a smaller one may be the seed."]
     if first_dataset:
         request = write_request(config, first_dataset, data_root)
         venv_bin = Path(sys.executable).parent
@@ -98,6 +155,41 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT, d
                       "[\"rgb\", \"nir\", \"tir\"]}]}; a row may leave out one or two of rgb, nir, tir."]
     lines += ["", "Stop everything: make down", "=" * 100]
     return "\n".join(lines)
+
+
+DEMO_SEED_STD = "0.01-0.05"
+"""The seed std of the demo's validation mAP, per dataset and configuration (benchmarks/selection_noise.py at the
+demo's 40 identities and validation fraction 0.35, 3 epochs)."""
+_SHORT = {"model.alpha_init": "alpha", "model.beta_init": "beta", "model.p": "p", "model.tau": "tau", "model.K": "K",
+          "optim.lr": "lr"}
+
+
+def _trial_lines(client: Any, experiment_id: str, parents: list[Any]) -> list[str]:
+    """Per dataset, its trials best first: validation mAP, epochs trained and the searched values."""
+    out = []
+    children: dict[str, list[Any]] = {}
+    for run in client.search_runs([experiment_id], max_results=5000):
+        children.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
+    for parent in sorted(parents, key=lambda r: r.data.tags.get("stmi.dataset", "")):
+        runs = [r for r in children.get(parent.info.run_id, []) if "best_val_mAP" in r.data.metrics]
+        runs.sort(key=lambda r: -r.data.metrics["best_val_mAP"])
+        for i, run in enumerate(runs):
+            params = run.data.params
+            values = " ".join(f"{short} {_g(params[k])}" for k, short in _SHORT.items() if k in params)
+            epochs = len(client.get_metric_history(run.info.run_id, "epoch"))
+            behind = runs[0].data.metrics["best_val_mAP"] - run.data.metrics["best_val_mAP"]
+            gap = "" if i == 0 else f"  ({behind:.3f} behind)"
+            out.append(f"  {parent.data.tags.get('stmi.dataset', '') if i == 0 else '':10s} "
+                       f"{run.data.tags.get('stmi.trial_id', run.info.run_name):10s} "
+                       f"{_f(run.data.metrics['best_val_mAP']):>6s}  {epochs} epoch(s)  {values}{gap}")
+    return out
+
+
+def _g(v: str) -> str:
+    try:
+        return f"{float(v):.3g}"
+    except ValueError:
+        return v
 
 
 def write_request(config: StackConfig, dataset: str, data_root: Path | None = None) -> Path:
