@@ -64,8 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "confirm_top": 3, "confirm_seeds": CONFIRM_SEEDS},
 }
 """``confirm_top`` / ``confirm_seeds``: the Optuna confirmation's defaults (``--confirm-top``, ``--seeds``). The demo
-leaves it off to stay near 5 minutes on 2 CPUs (measured on an idle 2-CPU machine, stack start included: 322 s
-without it, 564 s with ``--confirm-top 1 --seeds 2``).
+leaves it off to stay near 5 minutes on 2 CPUs (measured on an idle 2-CPU machine, stack start included: 294-317 s
+without it at 40 identities, 564 s with ``--confirm-top 1 --seeds 2`` at the former 20).
 The demo's grace period is its whole budget, so ASHA stops no trial: its two trials run at once, so a trial stopped
 early frees a CPU for nobody, and with two trials ASHA's rung compares the second to report with the first, which
 made the winner depend on which process started faster (measured: the same demo picked either trial of RGBNT201 on
