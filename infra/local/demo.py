@@ -65,7 +65,8 @@ class DemoData:
         parser.add_argument("--preset", default="demo")
         parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
         args = parser.parse_known_args(sweep_args)[0]
-        self.datasets = [] if args.data_root or args.preset != "demo" else list(args.datasets)
+        # an unknown name is left to the sweep, whose error lists the choices
+        self.datasets = [] if args.data_root or args.preset != "demo" else [d for d in args.datasets if d in DATASETS]
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
@@ -137,10 +138,15 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT, d
     trial_lines = _trial_lines(client, exp.experiment_id, parents)
     if trial_lines:
         lines += ["", "Every trial by validation mAP (what the sweep ranks by; test mAP is never used to choose):",
-                  *trial_lines,
-                  f"Seed noise: the std over training seeds of one configuration's validation mAP is {DEMO_SEED_STD} "
-                  "on this data (`python benchmarks/selection_noise.py --ids 40 --val-fraction 0.35`); a gap of "
-                  "several times that is the configuration, a smaller one may be the seed."]
+                  *trial_lines]
+        if data_root is None:  # the demo data, whose seed noise was measured
+            lines.append(f"Seed noise: the std over training seeds of one configuration's validation mAP is "
+                         f"{DEMO_SEED_STD} on this data (`python benchmarks/selection_noise.py --ids 40 "
+                         "--val-fraction 0.35`); a gap of several times that is the configuration, a smaller one may "
+                         "be the seed.")
+        else:
+            lines.append("Seed noise on your data: run the sweep with `--confirm-top K --seeds N` (the K best "
+                         "configurations again with N new seeds; the report gives their mean and std).")
     if first_dataset:
         request = write_request(config, first_dataset, data_root)
         venv_bin = Path(sys.executable).parent
