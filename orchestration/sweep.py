@@ -206,7 +206,6 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
     every seed of ``seeds`` when there are more than one (``optim.seed`` per trial; one seed: the recipe's).
     """
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
 
     ss = spec.space
     param_space: dict[str, Any] = {"_sweep": dataclasses.asdict(spec)}
@@ -222,9 +221,7 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
         search_alg = None
         num_samples = 1
     else:
-        if grace_period < spec.max_epochs:  # else ASHA could stop no trial: none at all
-            scheduler = ASHAScheduler(time_attr=EPOCHS_TRAINED, max_t=spec.max_epochs, grace_period=grace_period,
-                                      reduction_factor=2)
+        scheduler = early_stopping(spec.max_epochs, grace_period)
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
@@ -236,6 +233,15 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
     if "seed" in param_space:
         columns["seed"] = "seed"
     return _tuner(spec, spec.dataset, param_space, columns, search_alg, scheduler, num_samples, max_concurrent)
+
+
+def early_stopping(max_epochs: int, grace_period: int) -> Any:
+    """ASHA on the epochs trained, or None when the grace period is the whole budget (it could stop no trial)."""
+    if grace_period >= max_epochs:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr=EPOCHS_TRAINED, max_t=max_epochs, grace_period=grace_period, reduction_factor=2)
 
 
 def build_confirm_tuner(spec: SweepSpec, top: list[dict[str, Any]], seeds: list[int], max_concurrent: int,

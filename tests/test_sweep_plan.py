@@ -36,3 +36,13 @@ def test_a_trial_trained_before_the_stop_is_recognised_and_its_result_replayed()
     out = replayed_result(done)
     assert out[EPOCHS_TRAINED] == 5 and out["best_val_mAP"] == 0.3 and out["test_mAP"] == 0.25
     assert not any(k.startswith("system/") for k in out)
+
+
+def test_no_early_stopping_when_the_grace_period_is_the_budget() -> None:
+    from orchestration.sweep import EPOCHS_TRAINED, early_stopping
+
+    assert early_stopping(3, PRESETS["demo"]["grace_period"]) is None  # the demo: both trials train 3 epochs
+    assert early_stopping(50, 50) is None and early_stopping(5, 10) is None
+    asha = early_stopping(50, PRESETS["paper"]["grace_period"])
+    assert type(asha).__name__ == "AsyncHyperBandScheduler" and asha._time_attr == EPOCHS_TRAINED
+    assert asha._max_t == 50 and [r[0] for r in asha._brackets[0]._rungs] == [40, 20, 10]  # from the grace period
