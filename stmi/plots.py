@@ -1,8 +1,8 @@
 """Evaluation pictures: the CMC curve and a retrieval grid (queries with their top-10 per modality).
 
-Plain files, no tracking library: the orchestration layer logs them as MLflow artifacts. matplotlib is imported
-inside the functions (Agg backend) because it belongs to the ``platform`` extra, not to the library's
-dependencies, and importing ``stmi`` must stay light.
+Plain files, no tracking library: the orchestration layer logs them as MLflow artifacts. The CMC curve imports
+matplotlib inside the function (Agg backend) because it belongs to the ``platform`` extra, not to the library's
+dependencies, and importing ``stmi`` must stay light; the retrieval grid is composed with PIL.
 """
 
 from __future__ import annotations
