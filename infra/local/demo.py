@@ -61,12 +61,12 @@ class DemoData:
         from stmi.config import DATASETS
 
         parser = argparse.ArgumentParser(add_help=False)
-        parser.add_argument("--data-root")
         parser.add_argument("--preset", default="demo")
         parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
         args = parser.parse_known_args(sweep_args)[0]
+        own_data = sweep_data_root(sweep_args) is not None or args.preset != "demo"
         # an unknown name is left to the sweep, whose error lists the choices
-        self.datasets = [] if args.data_root or args.preset != "demo" else [d for d in args.datasets if d in DATASETS]
+        self.datasets = [] if own_data else [d for d in args.datasets if d in DATASETS]
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
@@ -120,7 +120,8 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT, d
              f"{'dataset':10s} {'best trial':12s} {'val mAP':>8s} {'test mAP':>9s} {'R1':>6s} {'R5':>6s} {'R10':>6s}"
              f"  {'over seeds: val mAP, test mAP':30s}  model"]
     first_dataset = None
-    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stmi.role") == "parent"]
+    runs = client.search_runs([exp.experiment_id], max_results=5000)  # the parents and their trials
+    parents = [r for r in runs if r.data.tags.get("stmi.role") == "parent"]
     for parent in sorted(parents, key=lambda r: r.data.tags.get("stmi.dataset", "")):
         ds = parent.data.tags["stmi.dataset"]
         m, p = parent.data.metrics, parent.data.params
@@ -135,7 +136,7 @@ def report(config: StackConfig, sweep_name: str, serve_port: int = SERVE_PORT, d
         lines.append(f"{ds:10s} {p.get('best.trial_id', '-'):12s} {scores[0]:>8s} {scores[1]:>9s} {scores[2]:>6s} "
                      f"{scores[3]:>6s} {scores[4]:>6s}  {seeds:30s}  models:/stmi-{ds}@champion (v{version})")
         first_dataset = first_dataset or ds
-    trial_lines = _trial_lines(client, exp.experiment_id, parents)
+    trial_lines = _trial_lines(client, runs, parents)
     if trial_lines:
         lines += ["", "Every trial by validation mAP (what the sweep ranks by; test mAP is never used to choose):",
                   *trial_lines]
@@ -170,11 +171,11 @@ _SHORT = {"model.alpha_init": "alpha", "model.beta_init": "beta", "model.p": "p"
           "optim.lr": "lr"}
 
 
-def _trial_lines(client: Any, experiment_id: str, parents: list[Any]) -> list[str]:
-    """Per dataset, its trials best first: validation mAP, epochs trained and the searched values."""
+def _trial_lines(client: Any, runs: list[Any], parents: list[Any]) -> list[str]:
+    """Per dataset, its trials (of ``runs``) best first: validation mAP, epochs trained and the searched values."""
     out = []
     children: dict[str, list[Any]] = {}
-    for run in client.search_runs([experiment_id], max_results=5000):
+    for run in runs:
         children.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
     for parent in sorted(parents, key=lambda r: r.data.tags.get("stmi.dataset", "")):
         runs = [r for r in children.get(parent.info.run_id, []) if "best_val_mAP" in r.data.metrics]
