@@ -18,35 +18,36 @@ Pure PyTorch (``stmi.engine`` / ``stmi.data`` / ``stmi.eval_missing``), no Ray. 
 (``--device cuda``; the default picks CUDA when present) and prints the device and the wall time of every run.
 
 Measured (2-core CPU, otherwise idle; hard data, 40 ids x 8 images, 4 cameras; 10 epochs of the demo recipe
-(``stmi-tiny-p8``, lr 1e-3); seeds 0-2; test mAP / R1 in percent, mean +- std; 106 s in all)::
+(``stmi-tiny-p8``, lr 3e-3 since 2026-12-07); seeds 0-2; test mAP / R1 in percent, mean +- std; 83 s in all)::
 
     python benchmarks/missing_modalities.py --ids 40 --epochs 10 --seeds 3 --jobs 2 --threads 1
     | setting              | no dropout mAP | dropout mAP    | diff  | no dropout R1  | dropout R1     |
     |----------------------|----------------|----------------|-------|----------------|----------------|
-    | complete RNT         | 60.4 +- 3.8    | 34.7 +- 3.2    | -25.8 | 55.2 +- 5.8    | 31.2 +- 6.5    |
-    | TOP-ReID NT          | 20.4 +- 2.2    | 12.8 +- 1.9    |  -7.6 |  9.4 +- 3.8    |  4.2 +- 4.8    |
-    | TOP-ReID RT          | 52.9 +- 1.9    | 33.5 +- 2.4    | -19.4 | 46.9 +- 2.8    | 26.7 +- 4.2    |
-    | TOP-ReID RN          | 69.9 +- 2.7    | 42.9 +- 1.1    | -27.0 | 69.1 +- 1.2    | 43.1 +- 2.4    |
-    | TOP-ReID T           |  6.7 +- 0.2    |  7.6 +- 0.2    |  +0.9 |  0.0 +- 0.0    |  0.0 +- 0.0    |
-    | TOP-ReID N           | 27.9 +- 1.5    | 15.9 +- 1.7    | -12.0 | 20.5 +- 2.2    |  4.2 +- 2.1    |
-    | TOP-ReID R           | 61.3 +- 2.0    | 41.7 +- 2.1    | -19.7 | 60.1 +- 2.2    | 38.9 +- 6.0    |
-    | TOP-ReID mean        | 39.8 +- 1.6    | 25.7 +- 1.5    | -14.1 | 34.3 +- 1.3    | 19.5 +- 2.2    |
+    | complete RNT         | 71.7 +- 3.4    | 42.5 +- 6.8    | -29.2 | 69.8 +- 1.8    | 35.8 +- 10.2   |
+    | TOP-ReID NT          | 25.6 +- 1.6    | 13.6 +- 3.3    | -11.9 | 13.5 +- 2.1    |  2.1 +- 1.8    |
+    | TOP-ReID RT          | 62.1 +- 5.6    | 38.6 +- 4.9    | -23.5 | 53.8 +- 7.9    | 30.9 +- 8.4    |
+    | TOP-ReID RN          | 78.9 +- 2.8    | 51.5 +- 6.4    | -27.4 | 83.3 +- 2.8    | 43.8 +- 11.0   |
+    | TOP-ReID T           |  6.3 +- 0.3    |  7.1 +- 0.2    |  +0.9 |  0.0 +- 0.0    |  0.3 +- 0.6    |
+    | TOP-ReID N           | 38.6 +- 1.9    | 18.5 +- 4.6    | -20.1 | 30.6 +- 5.2    |  7.3 +- 4.2    |
+    | TOP-ReID R           | 72.3 +- 3.4    | 51.5 +- 5.5    | -20.8 | 76.0 +- 1.0    | 45.1 +- 5.7    |
+    | TOP-ReID mean        | 47.3 +- 2.4    | 30.1 +- 4.0    | -17.1 | 42.9 +- 2.3    | 21.6 +- 4.7    |
 
 At 10 epochs both models have learnt (the untrained model scores about 9 % on such data,
-``benchmarks/ablation.py``), and modality dropout 0.3 is WORSE in every setting but TIR alone, by 8-27 points,
+``benchmarks/ablation.py``), and modality dropout 0.3 is WORSE in every setting but TIR alone, by 12-29 points,
 including the RGB-only and RGB+NIR settings it trains for. The synthetic TIR frame carries no identity (the warm
-silhouette is the same for every identity, so TIR alone scores chance, 6.7 %): only RGB and NIR identify, and
-dropout takes at least one of them from about half of the training samples; at 30 epochs (``--ids 40 --epochs 30
---seeds 2``, 174 s) the gap narrows (complete 84.6 +- 0.5 vs 70.1 +- 3.0, TOP-ReID mean 56.4 +- 1.1 vs 46.1 +- 0.7)
-but dropout is still worse in every setting but TIR alone, NIR alone included (51.0 vs 34.8), which only the dropout
-model ever trained on. So it learns slower, and not only that. Not because of the presence mask: dropping only
-TIR (``--set data.modality_dropout_scale=0,0,1``, 116 s) costs the complete triplet 4.3 points (56.1 +- 2.5), and
-the same 4.1 points (56.3 +- 5.3) when the dropped frame is fed as zeros in training and test
-(``--train-absent zero --absent zero``), while the mask is what makes a partial query work (the model without
-dropout: RGB+NIR 69.9 through the mask, 54.4 with a zero TIR frame). Dropout buys no robustness on this data: the
-settings it trains for get no better (RN 65.0 vs 69.9 masked, 54.7 vs 54.4 as zero frames); docs/design.md has the
-table. With 24 ids and 3 epochs (``--ids 24 --epochs 3``, 42 s) neither model learns much (complete 16.5 +- 1.9 /
-13.2 +- 0.7) and the differences are small.
+silhouette is the same for every identity, so TIR alone scores chance, 6.3 %): only RGB and NIR identify, and
+dropout takes at least one of them from about half of the training samples. At the former lr 1e-3 the same held
+(complete 60.4 +- 3.8 vs 34.7 +- 3.2), and at 30 epochs (``--ids 40 --epochs 30 --seeds 2``, 174 s, lr 1e-3) the gap
+narrowed (complete 84.6 +- 0.5 vs 70.1 +- 3.0, TOP-ReID mean 56.4 +- 1.1 vs 46.1 +- 0.7) but dropout was still worse
+in every setting but TIR alone, NIR alone included (51.0 vs 34.8), which only the dropout model ever trained on. So
+it learns slower, and not only that. Not because of the presence mask: dropping only TIR
+(``--set data.modality_dropout_scale=0,0,1``, 72 s) costs the complete triplet 3.9 points (67.8 +- 3.9), and about as
+much (6.0 +- 8.2 points, 65.7) when the dropped frame is fed as zeros in training and test
+(``--train-absent zero --absent zero``, 74 s), while the mask is what makes a partial query work (the model without
+dropout: RGB+NIR 78.9 through the mask, 66.3 with a zero TIR frame). Dropout buys no robustness on this data: the
+settings it trains for get no better (RN 73.2 vs 78.9 masked, 65.7 vs 66.3 as zero frames); docs/design.md has the
+table. With 24 ids and 3 epochs (``--ids 24 --epochs 3``, 42 s, lr 1e-3) neither model learnt much (complete 16.5
++- 1.9 / 13.2 +- 0.7) and the differences were small.
 
 Usage::
 

@@ -57,21 +57,24 @@ GRID_SEEDS = 1
 CONFIRM_SEEDS = 3
 """Seeds per confirmed configuration unless ``--seeds`` says otherwise."""
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {"recipe": "demo", "search_space": "demo", "num_samples": 2, "max_epochs": 3, "workers_per_trial": 1,
-             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 3, "confirm_top": 0, "confirm_seeds": 2},
+    "demo": {"recipe": "demo", "search_space": "demo", "num_samples": 2, "max_epochs": 4, "workers_per_trial": 1,
+             "cpus_per_worker": 0.9, "gpus_per_worker": 0.0, "grace_period": 4, "confirm_top": 0, "confirm_seeds": 2},
     "paper": {"recipe": "paper", "search_space": "paper", "num_samples": 24, "max_epochs": None,
               "workers_per_trial": 1, "cpus_per_worker": "node", "gpus_per_worker": 1.0, "grace_period": 10,
               "confirm_top": 3, "confirm_seeds": CONFIRM_SEEDS},
 }
 """``confirm_top`` / ``confirm_seeds``: the Optuna confirmation's defaults (``--confirm-top``, ``--seeds``). The demo
-leaves it off to stay near 5 minutes on 2 CPUs (measured on an idle 2-CPU machine, stack start included: 294-317 s
-without it at 40 identities, 564 s with ``--confirm-top 1 --seeds 2`` at the former 20).
-The demo's grace period is its whole budget, so ASHA stops no trial: its two trials run at once, so a trial stopped
+leaves it off to stay near 5 minutes on 2 CPUs (measured on an idle 2-CPU machine, stack start included: see the
+README's "Measured"; 564 s with ``--confirm-top 1 --seeds 2`` at the former 20 identities and 3 epochs).
+The demo trains the demo recipe's 4 epochs (``optim.epochs``; the budget ``benchmarks/ablation.py`` measures at).
+Its grace period is its whole budget, so ASHA stops no trial: its two trials run at once, so a trial stopped
 early frees a CPU for nobody, and with two trials ASHA's rung compares the second to report with the first, which
 made the winner depend on which process started faster (measured: the same demo picked either trial of RGBNT201 on
-two runs). Both train 3 epochs and are compared at the same budget.
+two runs). Both train to the end and are compared at the same budget.
 ``cpus_per_worker: "node"``: CPUs per training worker and ``data.num_workers`` from the cluster's GPU nodes
 (:func:`node_loader_plan`) unless ``--cpus-per-worker`` / ``--set data.num_workers=...`` say otherwise."""
+SAMPLER_SEED = 1111
+"""The Optuna sampler's seed unless ``--seed`` says otherwise."""
 MAX_LOADER_WORKERS = 8
 TRIAL_DRIVER_CPUS = 0.1
 HPARAMS = ("model.alpha_init", "model.beta_init", "model.p", "model.tau", "model.K", "optim.lr")
@@ -222,17 +225,21 @@ def build_tuner(spec: SweepSpec, num_samples: int, max_concurrent: int, grace_pe
         num_samples = 1
     else:
         scheduler = early_stopping(spec.max_epochs, grace_period)
-        from optuna.samplers import TPESampler
-        from ray.tune.search.optuna import OptunaSearch
-
-        start = ss.start or [_recipe_point(spec, ss)]
-        search_alg = OptunaSearch(space=ss.optuna_distributions(), metric=ss.metric, mode=ss.mode,
-                                  points_to_evaluate=start, sampler=TPESampler(seed=seed),
-                                  study_name=f"{spec.name}-{spec.dataset}")
+        search_alg = optuna_search(ss, ss.start or [recipe_point(spec.recipe, spec.dataset, ss)], seed,
+                                   f"{spec.name}-{spec.dataset}")
     columns = {k: k.split(".")[-1] for k in ss.params} if ss.kind == "optuna" else {"variant": "variant"}
     if "seed" in param_space:
         columns["seed"] = "seed"
     return _tuner(spec, spec.dataset, param_space, columns, search_alg, scheduler, num_samples, max_concurrent)
+
+
+def optuna_search(ss: SearchSpace, start: list[dict[str, Any]], seed: int, study_name: str) -> Any:
+    """Tune's Optuna searcher of an Optuna search space: the ``start`` points first, then TPE draws (``seed``)."""
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(space=ss.optuna_distributions(), metric=ss.metric, mode=ss.mode, points_to_evaluate=start,
+                        sampler=TPESampler(seed=seed), study_name=study_name)
 
 
 def early_stopping(max_epochs: int, grace_period: int) -> Any:
@@ -307,9 +314,10 @@ def _tuner(spec: SweepSpec, experiment: str, param_space: dict[str, Any], column
     )
 
 
-def _recipe_point(spec: SweepSpec, ss: Any) -> dict[str, Any]:
-    """The recipe's own values of the searched fields (the paper's values for the six hyperparameters)."""
-    flat = flatten(recipe(spec.recipe, spec.dataset))
+def recipe_point(recipe_name: str, dataset: str, ss: SearchSpace) -> dict[str, Any]:
+    """The recipe's own values of the searched fields (the paper's values for the six hyperparameters), clipped to
+    the space's ranges."""
+    flat = flatten(recipe(recipe_name, dataset))
     point = {}
     for name, p in ss.params.items():
         v = flat[name]
@@ -581,7 +589,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial")
     p.add_argument("--name", help="sweep name (MLflow experiment stmi-<name>, storage path); default preset-time")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name after an interruption")
-    p.add_argument("--seed", type=int, default=1111, help="Optuna sampler seed (the training seeds: --seeds)")
+    p.add_argument("--seed", type=int, default=SAMPLER_SEED, help="Optuna sampler seed (the training seeds: --seeds)")
     sel = p.add_argument_group(
         "selection over seeds",
         "A configuration is compared by its MEAN validation mAP over training seeds, not by its luckiest run. "

@@ -46,8 +46,38 @@ def test_selection_noise_smoke_test_prints_its_table() -> None:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     row = re.search(r"^\| rgbnt201 \|\s+12 \|\s+0\.35 \|\s+([\d.]+) \| ([\d.]+) \+- ([\d.]+)\s+\| ([\d.]+) \+- ([\d.]+)"
-                    r"\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\|\s+([+-][\d.]+|nan) \|$", proc.stdout, re.M)
+                    r"\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\|\s+([+-][\d.]+|nan) \| (-?[\d.]+) \+- ([\d.]+)\s+\|"
+                    r"\s+([+-][\d.]+|[+-]?nan|[+-]inf) \|\s+(\d)/2\s+\|\s+([+-][\d.]+) \|$", proc.stdout, re.M)
     assert row, proc.stdout
-    val_ids, a_mean, _, b_mean, _, a_test, b_test, _ = row.groups()
+    val_ids, a_mean, _, b_mean, _, a_test, b_test, _, diff_mean, _, _, b_ahead, first_diff = row.groups()
     assert float(val_ids) >= 2 and all(0 < float(x) <= 1 for x in (a_mean, b_mean, a_test, b_test))
+    assert float(diff_mean) == pytest.approx(float(a_mean) - float(b_mean), abs=2e-3)  # the paired columns
+    assert 0 <= int(b_ahead) <= 2 and abs(float(first_diff)) <= 1
     assert "[4/4]" in proc.stdout and "device cpu" in proc.stdout
+    # B is the demo sweep's own second trial, drawn by the sweep's searcher: not the recipe's point
+    draw = re.search(r"rgbnt201: A = the recipe \+ \{\}; B = the recipe \+ (\{.*\})$", proc.stdout, re.M)
+    assert draw and "'optim.lr'" in draw.group(1) and "'model.K'" in draw.group(1), proc.stdout
+
+
+def test_selection_noise_measures_the_demo_as_it_runs() -> None:
+    """Its defaults are the demo sweep's data, split and budget, and its B is the sweep's second trial: the seed noise
+    the demo's report quotes is measured on what the demo trains."""
+    from orchestration.demo_data import DEMO_IDS
+    from orchestration.search_space import load_search_space
+    from orchestration.sweep import PRESETS, SAMPLER_SEED, optuna_search, recipe_point
+    from stmi.recipes import recipe
+
+    bench = _bench("selection_noise")
+    a = bench.parse_args([])
+    demo = recipe("demo", "rgbnt201")
+    assert a.ids == str(DEMO_IDS) and float(a.val_fraction) == demo.data.val_fraction
+    assert a.epochs == PRESETS["demo"]["max_epochs"] == demo.optim.epochs
+    assert a.datasets.split(",") == ["rgbnt201", "rgbnt100", "msvr310"]
+
+    ss = load_search_space("demo")
+    searcher = optuna_search(ss, [recipe_point("demo", "msvr310", ss)], SAMPLER_SEED, "test")
+    first, second = searcher.suggest("1"), searcher.suggest("2")
+    assert first == recipe_point("demo", "msvr310", ss) and first["optim.lr"] == demo.optim.lr  # the recipe, in range
+    draw = bench.sweep_draw("msvr310")
+    assert draw == second and draw != first
+    assert set(draw) == set(ss.params) and all(ss.params[k].low <= v <= ss.params[k].high for k, v in draw.items())

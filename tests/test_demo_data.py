@@ -1,4 +1,5 @@
-"""The demo datasets' cache: made on first use, reused when made the same way, made again when not."""
+"""The demo datasets' cache: made on first use, reused when made the same way, made again when not; the seed noise the
+demo's report puts beside each trial's gap."""
 
 from __future__ import annotations
 
@@ -35,3 +36,12 @@ def test_a_cache_made_otherwise_is_made_again(tmp_path: Path, monkeypatch: pytes
     again = demo_data.ensure_demo_dataset("rgbnt201", ids=6)
     assert json.loads((again / ".complete").read_text())["ids"] == 6 and _pids(again) == first
     assert not (tmp_path / ".rgbnt201.partial").exists()
+
+
+def test_the_demo_report_puts_each_gap_beside_the_seed_noise() -> None:
+    from infra.local.demo import DEMO_SEED_NOISE, gap_note
+    from stmi.config import DATASETS
+
+    assert set(DEMO_SEED_NOISE) == set(DATASETS) and all(0 < v < 0.2 for v in DEMO_SEED_NOISE.values())
+    assert gap_note(0.078, 0.031) == "  (0.078 behind: 2.5x the seed noise)"
+    assert gap_note(0.078, None) == "  (0.078 behind)"  # data whose noise was not measured: the gap alone

@@ -41,7 +41,8 @@ def test_a_trial_trained_before_the_stop_is_recognised_and_its_result_replayed()
 def test_no_early_stopping_when_the_grace_period_is_the_budget() -> None:
     from orchestration.sweep import EPOCHS_TRAINED, early_stopping
 
-    assert early_stopping(3, PRESETS["demo"]["grace_period"]) is None  # the demo: both trials train 3 epochs
+    demo = PRESETS["demo"]
+    assert early_stopping(demo["max_epochs"], demo["grace_period"]) is None  # the demo: both trials train to the end
     assert early_stopping(50, 50) is None and early_stopping(5, 10) is None
     asha = early_stopping(50, PRESETS["paper"]["grace_period"])
     assert type(asha).__name__ == "AsyncHyperBandScheduler" and asha._time_attr == EPOCHS_TRAINED
