@@ -40,7 +40,7 @@ draw from the old lr range 1e-4..3e-3: the same five other values, lr 2.2e-4):
   0.131: a seed moves the validation mAP by +- 0.12 and nothing can be told apart.
 - 40 identities, val 0.35 (10 val ids), recipe lr 1e-3, 5 seeds: A 0.193 / 0.257 / 0.360, B 0.243 / 0.273 / 0.392
   (RGBNT201 / RGBNT100 / MSVR310), gaps -1.6 / -0.6 / -0.6, B ahead on 5 / 4 / 3 of 5 seeds. Pairing does not
-  shrink the noise (paired std 0.033-0.047): it is the training's (33 steps), not the held-out split's; the test mAP,
+  shrink the noise (paired std 0.033-0.047): it is the training's (27 steps), not the held-out split's; the test mAP,
   on one fixed test set for every seed, varies as much.
 - The lr alone (B = the recipe with only ``optim.lr``, paired over the same seeds): 3e-3 beat 1e-3 on all 27 pairs
   (40 and 80 identities), 1e-4 lost to 1e-3 by 7 stds (RGBNT201), 1e-2 lost to 3e-3 on all 9 pairs (4 epochs). So
@@ -49,8 +49,8 @@ draw from the old lr range 1e-4..3e-3: the same five other values, lr 2.2e-4):
   2.0 / 1.3 (0 of 15); with the new draw (lr 3.0e-4), 4 epochs: 1.8 / 1.2 / 1.0 (2 of 15).
 - lr 3e-3 vs the old draw, 60 identities, 3 epochs: paired gap 1.4 / 1.4 / 0.9; vs the new draw on 80 identities
   x 5 images (as many images as 40 x 10), 4 epochs: 1.1 / 2.6 / 0.3. 80 x 10 at 4 epochs (above) is the first
-  setting that put the recipe ahead on every dataset and seed: more identities give longer epochs (22 batches) and
-  20 validation identities.
+  setting that put the recipe ahead on every dataset and seed: more identities give longer epochs (18 batches, not
+  9) and 20 validation identities.
 
 ``benchmarks/ablation.py`` is where the synthetic data tells models apart most clearly (SFM against the baseline:
 3-13 stds).

@@ -18,9 +18,9 @@ DEMO_IDS = 80
 """Identities of every synthetic demo dataset (the layouts and camera counts come from ``stmi.data.layouts``).
 
 80: the demo recipe's validation fraction (0.35) then holds out 20 of the 56 training identities, and an epoch is
-22 batches. At 40 identities (10 held out, 11 batches) the demo's two trials were within 1-2 seed stds of each
-other on average, and one seed in seven ranked them the other way; at 80 the recipe's point is ahead on every seed
-of every dataset, by 2.7-2.8 stds of the gap's seed noise on average (``benchmarks/selection_noise.py``). 20
+18 batches. At 40 identities (10 held out, 9 batches; recipe lr 3e-3, 4 epochs) the demo's two trials were 1.0-1.8
+stds of the gap's seed noise apart on average, and 2 of 15 seed-dataset pairs ranked them the other way; at 80 the
+recipe's point is ahead on all 15, by 1.9-3.0 stds on average (``benchmarks/selection_noise.py``, 5 seeds). 20
 identities, the demo's first size, held out 3 and could tell no two configurations apart."""
 DEMO_IMAGES_PER_ID = 10
 
