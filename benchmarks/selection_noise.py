@@ -79,12 +79,12 @@ def sweep_draw(dataset: str, space: str = "demo") -> dict[str, Any]:
     """The demo sweep's second trial on ``dataset``: its first Optuna draw, after the recipe's point. Drawn by the
     sweep's own searcher (``orchestration.sweep.optuna_search``, the default sampler seed), so it is what
     ``sweep.py`` trains."""
-    import logging
+    import optuna
 
     from orchestration.search_space import load_search_space
     from orchestration.sweep import SAMPLER_SEED, optuna_search, recipe_point
 
-    logging.getLogger("optuna").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a "new study created" line per dataset
     ss = load_search_space(space)
     searcher = optuna_search(ss, ss.start or [recipe_point("demo", dataset, ss)], SAMPLER_SEED, "selection-noise")
     searcher.suggest("first")  # the recipe's point (configuration A)
